@@ -1,0 +1,46 @@
+# The conventional entry points; README.md shows the two a fresh machine needs:
+#   make run    set up, train a model if there is none, (then serve it)
+#   make test   set up, lint, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= models/model.onnx
+# MNIST: $MNIST_DATA_DIR, else ../shared/mnist when present, else the trainer's Keras download.
+MNIST_DATA_DIR ?= $(if $(wildcard ../shared/mnist/*),../shared/mnist,)
+export MNIST_DATA_DIR
+PYTEST_ARGS ?=
+
+.PHONY: run test setup train train-best lint protos clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[all]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+$(MODEL): | $(BIN)/.installed
+	$(BIN)/digit-train --output $(MODEL)
+
+run: $(MODEL)
+	$(BIN)/digit-train inspect $(MODEL)
+
+train: setup
+	$(BIN)/digit-train --output $(MODEL) $(TRAIN_ARGS)
+
+train-best: setup
+	$(BIN)/digit-train --preset best --output $(MODEL) --report reports/ $(TRAIN_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy trainer server client
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""Client library and `digit-client` CLI."""

@@ -1,0 +1,1 @@
+"""Protocol definitions (package digits.v1) and their generated, committed stubs."""

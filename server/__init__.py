@@ -1,0 +1,1 @@
+"""gRPC serving of the ONNX model with dynamic batching on onnxruntime."""

@@ -1,0 +1,96 @@
+"""The trainer end to end: flags, errors, a small real training run, export and parity."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from digit_recognizer.trainer.card import ModelCard
+from digit_recognizer.trainer.cli import main
+from digit_recognizer.trainer.config import BEST, NOTEBOOK
+from digit_recognizer.trainer.data import load_dataset, to_model_inputs
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_notebook_model_shape():
+    from digit_recognizer.trainer.model import build_model
+
+    model = build_model(NOTEBOOK)
+    assert [layer.units for layer in model.layers if hasattr(layer, "units")] == [512, 10]
+    assert model.input_shape == (None, 784) and model.output_shape == (None, 10)
+    assert build_model(BEST).count_params() == 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 10250
+
+
+def test_bad_flag_is_a_usage_error():
+    result = run("--epochs", "0", "--hidden", "0", "--data-dir", "/nowhere")
+    assert result.exit_code == 2
+    assert "--epochs must be at least 1" in result.output
+    assert "--hidden needs one or more positive widths" in result.output
+    result = run("--optimizer", "adamax")
+    assert result.exit_code == 2 and "Invalid value for '--optimizer'" in result.output
+
+
+def test_bad_data_dir_is_one_clear_line(tmp_path):
+    result = run("--data-dir", str(tmp_path / "missing"))
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {tmp_path / 'missing'}: no such file or directory"
+
+
+def test_labels_must_cover_the_data(idx_dir):
+    result = run("--data-dir", str(idx_dir), "--labels", "a,b,c")
+    assert result.exit_code == 1 and "only 3 class names" in result.output
+
+
+def test_small_training_exports_a_verified_self_describing_model(mnist_dir, tmp_path):
+    output = tmp_path / "m.onnx"
+    result = run(
+        *("--data-dir", str(mnist_dir), "--train-limit", "6000", "--epochs", "2"),
+        *("--hidden", "128", "--model-version", "7", "-o", str(output), "--report", str(tmp_path)),
+    )
+    assert result.exit_code == 0, result.output
+    assert "parity: onnxruntime == keras on 10000 test images" in result.output
+    assert "0 different predictions" in result.output
+    for png in ("training_curves.png", "confusion_matrix.png", "worst_errors.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob(".m.onnx.*"))  # no temp file left behind
+
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.shape, inp.type) == ("pixels", ["batch", 784], "tensor(float)")
+    assert (out.name, out.shape) == ("probabilities", ["batch", 10])
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    assert card.version == "7" and card.labels == tuple("0123456789")
+    assert card.training_config["train_images"] == 6000
+    assert card.input_contract["shape"] == [-1, 784]
+    assert 0.85 < card.test_accuracy < 1.0
+    dataset = load_dataset(mnist_dir)
+    (probabilities,) = session.run(None, {"pixels": to_model_inputs(dataset.x_test[:500])})
+    accuracy = float(np.mean(probabilities.argmax(1) == dataset.y_test[:500]))
+    assert accuracy > 0.85
+
+    inspected = run("inspect", str(output), "--json")
+    assert inspected.exit_code == 0
+    assert json.loads(inspected.output)["signature"]["inputs"][0]["name"] == "pixels"
+    assert "weights_sha256" in run("inspect", str(output)).output
+
+
+def test_inspect_refuses_a_file_that_is_not_a_model(tmp_path):
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"\x00garbage")
+    result = run("inspect", str(bogus))
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {bogus}: not a loadable")
+
+
+@pytest.mark.slow
+def test_default_training_reproduces_the_notebook(mnist_dir, tmp_path):
+    """The full notebook recipe (5 epochs, ~40 s on 2 cores) must reach 0.976."""
+    output = tmp_path / "model.onnx"
+    result = run("--data-dir", str(mnist_dir), "-o", str(output))
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    assert card.test_accuracy >= 0.976, result.output

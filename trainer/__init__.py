@@ -1,0 +1,1 @@
+"""Training: MNIST-layout data -> Keras MLP -> verified, self-describing ONNX model."""

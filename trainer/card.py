@@ -1,0 +1,77 @@
+"""The model card: what a model file says about itself, stored in ONNX `metadata_props`.
+
+Pure standard library on purpose: the server reads cards through onnxruntime's
+`custom_metadata_map` and must not need TensorFlow or the `onnx` package to do it.
+Each field is one metadata key; structured fields are JSON so that any ONNX tool
+(Netron, `onnx.load`, onnxruntime) shows them readably.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probabilities"
+PIXELS_PER_IMAGE = 784
+DEFAULT_LABELS = tuple(str(d) for d in range(10))
+INPUT_CONTRACT: dict[str, Any] = {
+    "name": INPUT_NAME,
+    "shape": [-1, PIXELS_PER_IMAGE],
+    "dtype": "float32",
+    "layout": "28x28 row-major",
+    "range": [0.0, 1.0],
+    "background": 0.0,
+    "ink": 1.0,
+}
+_JSON_FIELDS = {"labels", "training_config", "input_contract", "library_versions"}
+_FLOAT_FIELDS = {"test_accuracy", "test_loss"}
+
+
+class CardError(Exception):
+    """A model file's metadata is missing or not a valid model card."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    weights_sha256: str
+    test_accuracy: float
+    test_loss: float
+    labels: tuple[str, ...]
+    dataset: str
+    created_at: str
+    training_config: dict[str, Any] = field(default_factory=dict)
+    library_versions: dict[str, str] = field(default_factory=dict)
+    input_contract: dict[str, Any] = field(default_factory=lambda: dict(INPUT_CONTRACT))
+
+    def to_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key, value in asdict(self).items():
+            if key in _JSON_FIELDS:
+                out[key] = json.dumps(list(value) if key == "labels" else value, sort_keys=True)
+            else:
+                out[key] = repr(value) if isinstance(value, float) else str(value)
+        return out
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> ModelCard:
+        missing = [f.name for f in fields(cls) if f.name not in metadata]
+        if missing:
+            raise CardError(f"model card incomplete: missing {', '.join(missing)}")
+        values: dict[str, Any] = {}
+        try:
+            for f in fields(cls):
+                raw = metadata[f.name]
+                if f.name in _JSON_FIELDS:
+                    values[f.name] = json.loads(raw)
+                elif f.name in _FLOAT_FIELDS:
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+        except ValueError as exc:
+            raise CardError(f"model card field {f.name!r} is malformed: {exc}") from None
+        values["labels"] = tuple(str(label) for label in values["labels"])
+        return cls(**values)

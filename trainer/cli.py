@@ -1,0 +1,268 @@
+"""`digit-train`: fit the MLP, export a verified ONNX model; `digit-train inspect MODEL`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from digit_recognizer.trainer.card import CardError, ModelCard
+from digit_recognizer.trainer.config import (
+    ACTIVATIONS,
+    LOSSES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRESETS,
+)
+from digit_recognizer.trainer.data import DATA_DIR_ENV, DataError, load_dataset, resolve_data_dir
+
+DEFAULT_OUTPUT = Path("models/model.onnx")
+# TensorFlow's C++ log lines (CPU features, oneDNN, tf.data attribute notes) bury the progress
+# lines; real failures still surface as Python exceptions.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class _TrainByDefault(click.Group):
+    """`digit-train [FLAGS]` trains; other words name subcommands (`inspect`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_TrainByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train the MNIST MLP and export it to ONNX (`digit-train [OPTIONS]`), or inspect a model.
+
+    \b
+    Examples:
+      digit-train --data-dir ../shared/mnist                 # the notebook, ~20 s
+      digit-train --preset best --report reports/            # >= 99% with augmentation
+      digit-train --hidden 256,256 --optimizer adam --epochs 10
+      digit-train inspect models/model.onnx
+    """
+
+
+def _widths(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers like 512 or 1024,1024, got {value!r}"
+        ) from None
+
+
+def _names(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> tuple[str, ...] | None:
+    return None if value is None else tuple(part.strip() for part in value.split(","))
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    envvar=DATA_DIR_ENV,
+    show_envvar=True,
+    help="Directory with the four MNIST-layout IDX files (.gz or raw) or mnist.npz, "
+    "or an .npz file. Without it: the Keras download.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_OUTPUT,
+    show_default=True,
+    help="Where to write the ONNX model.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="notebook",
+    show_default=True,
+    help="Starting recipe; any flag below overrides it.",
+)
+@click.option("--hidden", callback=_widths, help="Hidden layer widths, e.g. 512 or 1024,1024.")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), help="Hidden-layer activation.")
+@click.option("--dropout", type=float, help="Dropout rate after each hidden layer.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS))
+@click.option("--learning-rate", type=float, help="Default: the optimizer's Keras default.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES))
+@click.option("--loss", type=click.Choice(LOSSES))
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--validation-split", type=float, help="Fraction of training data held out.")
+@click.option(
+    "--augment/--no-augment", default=None, help="Fresh affine + elastic distortions every epoch."
+)
+@click.option("--seed", type=int, help="Seed for weights, shuffling and augmentation.")
+@click.option(
+    "--labels",
+    callback=_names,
+    help='Class names, comma-separated (default "0,...,9"; e.g. Fashion-MNIST names).',
+)
+@click.option("--name", default="digits-mlp", show_default=True, help="Model name in the card.")
+@click.option("--model-version", help="Version in the card (default: UTC time, YYYYMMDDHHMMSS).")
+@click.option(
+    "--train-limit",
+    type=click.IntRange(min=1),
+    help="Use only the first N training images (quick experiments, tests).",
+)
+@click.option(
+    "--report",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write training curves, confusion matrix and worst errors as PNGs here.",
+)
+def train(
+    data_dir: Path | None,
+    output: Path,
+    preset: str,
+    name: str,
+    model_version: str | None,
+    train_limit: int | None,
+    report: Path | None,
+    **knobs: Any,
+) -> None:
+    """Train the MLP (the notebook by default) and export a verified ONNX model."""
+    started = time.perf_counter()
+    config = replace(PRESETS[preset], **{k: v for k, v in knobs.items() if v is not None})
+    problems = config.validate()
+    if problems:
+        raise click.UsageError("\n".join(problems))
+    try:
+        dataset = load_dataset(resolve_data_dir(data_dir))
+        dataset.validate_labels(config.num_classes)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from None
+    if train_limit is not None:
+        dataset = replace(
+            dataset, x_train=dataset.x_train[:train_limit], y_train=dataset.y_train[:train_limit]
+        )
+    click.echo(f"data: {dataset.source} ({len(dataset.x_train)} train, {len(dataset.x_test)} test)")
+    click.echo(f"config: {json.dumps(config.to_dict())}")
+
+    # TensorFlow takes seconds to import: only pay for it once the inputs are known good.
+    from digit_recognizer.trainer.export import ParityError, export
+    from digit_recognizer.trainer.model import train as fit
+    from digit_recognizer.trainer.model import weights_sha256
+
+    result = fit(config, dataset, log=click.echo)
+    card = ModelCard(
+        name=name,
+        version=model_version or datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        weights_sha256=weights_sha256(result.model),
+        test_accuracy=round(result.test_accuracy, 6),
+        test_loss=round(result.test_loss, 6),
+        labels=config.labels,
+        dataset=dataset.source,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        training_config={**config.to_dict(), "train_images": len(dataset.x_train)},
+        library_versions=_library_versions(),
+    )
+    from digit_recognizer.trainer.data import to_model_inputs
+
+    try:
+        parity = export(
+            result.model, card, output, to_model_inputs(dataset.x_test), result.test_probabilities
+        )
+    except ParityError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"parity: onnxruntime == keras on {parity.images} test images "
+        f"(max |diff| {parity.max_abs_diff:.1e}, {parity.argmax_disagreements} "
+        "different predictions)"
+    )
+    if report is not None:
+        from digit_recognizer.trainer.report import write_report
+
+        paths = write_report(
+            report,
+            result.history,
+            dataset.x_test,
+            dataset.y_test,
+            result.test_probabilities,
+            config.labels,
+        )
+        click.echo(f"report: {', '.join(str(p) for p in paths)}")
+    click.echo(
+        f"done: test accuracy {result.test_accuracy:.4f}, loss {result.test_loss:.4f}, "
+        f"training {result.train_seconds:.1f} s, total {time.perf_counter() - started:.1f} s\n"
+        f"model: {output} (version {card.version}, file sha256 {_file_sha256(output)})"
+    )
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the card as one JSON object.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Print a model file's card and input/output signature."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    except CardError as exc:
+        raise click.ClickException(f"{model}: {exc}") from None
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise click.ClickException(f"{model}: not a loadable ONNX model ({exc})") from None
+    signature = {
+        "inputs": [
+            {"name": i.name, "shape": i.shape, "type": i.type} for i in session.get_inputs()
+        ],
+        "outputs": [
+            {"name": o.name, "shape": o.shape, "type": o.type} for o in session.get_outputs()
+        ],
+    }
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "card": card.to_metadata() | {"labels": list(card.labels)},
+                    "signature": signature,
+                    "file_sha256": _file_sha256(model),
+                }
+            )
+        )
+        return
+    click.echo(f"{model}  (file sha256 {_file_sha256(model)})")
+    for key, value in card.to_metadata().items():
+        click.echo(f"  {key:18} {value}")
+    for kind in ("inputs", "outputs"):
+        for tensor in signature[kind]:
+            click.echo(f"  {kind[:-1]:18} {tensor['name']} {tensor['type']} {tensor['shape']}")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in (
+        "tensorflow-cpu",
+        "tensorflow",
+        "keras",
+        "tf2onnx",
+        "onnx",
+        "onnxruntime",
+        "numpy",
+    ):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
