@@ -58,6 +58,24 @@ def weights_sha256(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+class _EpochLine(keras.callbacks.Callback):
+    """One line per epoch, numbered against the whole run (fit sees one epoch at a time)."""
+
+    def __init__(self, epochs: int, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self._epochs = epochs
+        self._log = log
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        metrics = ", ".join(f"{key} {value:.4f}" for key, value in (logs or {}).items())
+        seconds = time.perf_counter() - self._started
+        self._log(f"epoch {epoch + 1}/{self._epochs}: {metrics} ({seconds:.1f} s)")
+
+
 def train(config: TrainConfig, dataset: Dataset, log: Callable[[str], None]) -> TrainResult:
     """Fit one epoch at a time so augmented runs see freshly distorted digits every epoch."""
     keras.utils.set_random_seed(config.seed)
@@ -97,7 +115,8 @@ def train(config: TrainConfig, dataset: Dataset, log: Callable[[str], None]) -> 
             epochs=epoch + 1,
             initial_epoch=epoch,
             validation_data=validation,
-            verbose=2,
+            verbose=0,
+            callbacks=[_EpochLine(config.epochs, log)],
         )
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)

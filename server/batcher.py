@@ -1,0 +1,269 @@
+"""Dynamic batching: concurrent requests grouped into one model run. Pure asyncio, no gRPC.
+
+`submit(images)` queues N images and resolves to their N output rows. One worker task forms
+batches from the head of the queue: up to `max_batch_size` images, waiting at most
+`max_delay_us` after the oldest queued image for more to arrive (0: run what is waiting as
+soon as the model is free, so an idle server adds no latency). A request larger than the room
+left in a batch is split across consecutive batches and reassembled in order.
+
+The queue is bounded in images (`max_queue_size`): past it `submit` raises `Overloaded` at
+once. Callers that cancelled, or whose deadline passed while queued, are skipped and never
+computed. A failed model run fails every caller in it with `BatchFailed`; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatcherLimits:
+    max_batch_size: int = 256
+    max_delay_us: int = 0
+    max_queue_size: int = 4096
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append(f"max batch size must be at least 1, got {self.max_batch_size}")
+        if self.max_delay_us < 0:
+            problems.append(f"max delay must be >= 0 microseconds, got {self.max_delay_us}")
+        if self.max_queue_size < 1:
+            problems.append(f"max queue size must be at least 1, got {self.max_queue_size}")
+        return problems
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: np.ndarray  # one row per submitted image, in order
+    batch_size: int  # the largest model run these images took part in
+    batches: int  # how many model runs they were spread over
+    queue_us: int  # arrival to first model run
+    compute_us: int  # time inside model runs
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """Reported to the observer after every model run (metrics)."""
+
+    size: int
+    compute_us: int
+    failed: bool
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future[BatchResult]
+    deadline: float | None  # loop.time() seconds
+    enqueued: float
+    taken: int = 0  # images handed to batches so far
+    parts: list[np.ndarray] = field(default_factory=list)
+    first_run: float | None = None
+    largest_batch: int = 0
+    batches: int = 0
+    compute_s: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.images) - self.taken
+
+
+class Batcher:
+    def __init__(
+        self,
+        predict: Predict,
+        limits: BatcherLimits,
+        *,
+        executor: Executor | None = None,
+        on_batch: Callable[[BatchEvent], None] | None = None,
+        on_skip: Callable[[str], None] | None = None,
+    ) -> None:
+        problems = limits.validate()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self._predict = predict
+        self.limits = limits
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._owns_executor = executor is None
+        self._on_batch = on_batch or (lambda _event: None)
+        self._on_skip = on_skip or (lambda _reason: None)
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._accepting = True
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def submit(self, images: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Queue `images` (N, ...) and wait for their outputs. `deadline` is in loop.time()."""
+        if not self._accepting:
+            raise NotServing("the server is shutting down and accepts no new requests")
+        n = len(images)
+        if n == 0:
+            raise ValueError("submit needs at least one image")
+        if self._queued_images + n > self.limits.max_queue_size:
+            raise Overloaded(
+                f"queue full ({self._queued_images} of {self.limits.max_queue_size} images "
+                f"waiting, this request adds {n}); retry after a back-off"
+            )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(images, loop.create_future(), deadline, loop.time())
+        self._queue.append(pending)
+        self._queued_images += n
+        self._wakeup.set()
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stop accepting, finish everything already accepted, then stop the worker."""
+        self._accepting = False
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_dead(loop.time())
+            if not self._queue:
+                if not self._accepting:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_fill(loop)
+            batch = self._take_batch(loop.time())
+            if batch:
+                await self._execute(batch, loop)
+
+    async def _wait_for_fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.limits.max_delay_us == 0:
+            return
+        flush_at = self._queue[0].enqueued + self.limits.max_delay_us / 1e6
+        while self._queued_images < self.limits.max_batch_size and self._accepting:
+            timeout = flush_at - loop.time()
+            if timeout <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return
+
+    def _drop_dead(self, now: float) -> None:
+        """Forget callers that are gone: cancelled, or out of time while queued."""
+        if not any(self._is_dead(p, now) for p in self._queue):
+            return
+        alive: collections.deque[_Pending] = collections.deque()
+        for pending in self._queue:
+            if self._is_dead(pending, now):
+                self._queued_images -= pending.remaining
+                self._expire(pending)
+            else:
+                alive.append(pending)
+        self._queue = alive
+
+    @staticmethod
+    def _is_dead(pending: _Pending, now: float) -> bool:
+        return pending.future.done() or (pending.deadline is not None and now >= pending.deadline)
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending.future.done():
+            self._on_skip("cancelled")
+        else:
+            self._on_skip("deadline")
+            pending.future.set_exception(
+                Expired("deadline passed while queued; the images were not computed")
+            )
+
+    def _take_batch(self, now: float) -> list[tuple[_Pending, int, int]]:
+        """Segments (pending, start, stop) filling one batch from the head of the queue."""
+        self._drop_dead(now)
+        room = self.limits.max_batch_size
+        segments = []
+        while self._queue and room > 0:
+            pending = self._queue[0]
+            count = min(room, pending.remaining)
+            segments.append((pending, pending.taken, pending.taken + count))
+            pending.taken += count
+            self._queued_images -= count
+            room -= count
+            if pending.remaining == 0:
+                self._queue.popleft()
+        return segments
+
+    async def _execute(
+        self, segments: list[tuple[_Pending, int, int]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        inputs = [pending.images[start:stop] for pending, start, stop in segments]
+        batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        started = loop.time()
+        for pending, _, _ in segments:
+            if pending.first_run is None:
+                pending.first_run = started
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._predict, batch)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
+        except Exception as exc:
+            log.exception("model run on a batch of %d images failed", len(batch))
+            self._on_batch(BatchEvent(len(batch), _us(loop.time() - started), failed=True))
+            error = BatchFailed(f"model run failed on a batch of {len(batch)} images ({exc})")
+            for pending, _, _ in segments:
+                self._fail(pending, error)
+            return
+        elapsed = loop.time() - started
+        self._on_batch(BatchEvent(len(batch), _us(elapsed), failed=False))
+        offset = 0
+        for pending, start, stop in segments:
+            count = stop - start
+            pending.parts.append(outputs[offset : offset + count])
+            offset += count
+            pending.largest_batch = max(pending.largest_batch, len(batch))
+            pending.batches += 1
+            pending.compute_s += elapsed
+            if stop == len(pending.images) and not pending.future.done():
+                pending.future.set_result(self._result(pending))
+
+    def _fail(self, pending: _Pending, error: Exception) -> None:
+        if pending in self._queue:  # the rest of a split request must not run either
+            self._queue.remove(pending)
+            self._queued_images -= pending.remaining
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+    @staticmethod
+    def _result(pending: _Pending) -> BatchResult:
+        parts = pending.parts
+        return BatchResult(
+            outputs=parts[0] if len(parts) == 1 else np.concatenate(parts),
+            batch_size=pending.largest_batch,
+            batches=pending.batches,
+            queue_us=_us((pending.first_run or pending.enqueued) - pending.enqueued),
+            compute_us=_us(pending.compute_s),
+        )
+
+
+def _us(seconds: float) -> int:
+    return max(0, round(seconds * 1e6))

@@ -1,0 +1,139 @@
+"""`digit-server`: serve an ONNX model over gRPC. Every flag is also a DIGITS_* variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from digit_recognizer.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig
+
+_DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
+
+
+@click.command(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "auto_envvar_prefix": "DIGITS",
+        "show_default": True,
+    }
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=_DEFAULTS.model,
+    show_envvar=True,
+    help="The ONNX model written by digit-train.",
+)
+@click.option(
+    "--host",
+    default=_DEFAULTS.host,
+    show_envvar=True,
+    help="Address to listen on ([::] = every interface, IPv4 and IPv6).",
+)
+@click.option(
+    "--port",
+    type=int,
+    default=_DEFAULTS.port,
+    show_envvar=True,
+    help="gRPC port; 0 picks a free one (logged at start).",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_envvar=True,
+    help="onnxruntime execution provider. auto: CUDA when it really works, else CPU; "
+    "cuda: refuse to start without it.",
+)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=_DEFAULTS.max_batch_size,
+    show_envvar=True,
+    help="Images per model run.",
+)
+@click.option(
+    "--max-delay-us",
+    type=int,
+    default=_DEFAULTS.max_delay_us,
+    show_envvar=True,
+    help="Longest wait for a batch to fill, from the oldest queued image; "
+    "0 = run at once when the model is free.",
+)
+@click.option(
+    "--max-queue-size",
+    type=int,
+    default=_DEFAULTS.max_queue_size,
+    show_envvar=True,
+    help="Images queued before new requests get RESOURCE_EXHAUSTED.",
+)
+@click.option(
+    "--max-images-per-request",
+    type=int,
+    default=_DEFAULTS.max_images_per_request,
+    show_envvar=True,
+    help="Larger requests get INVALID_ARGUMENT.",
+)
+@click.option(
+    "--intra-op-threads",
+    type=int,
+    default=_DEFAULTS.intra_op_threads,
+    show_envvar=True,
+    help="onnxruntime threads per model run; 0 = its default.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=_DEFAULTS.workers,
+    show_envvar=True,
+    help="Server processes sharing the port (SO_REUSEPORT).",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=_DEFAULTS.metrics_port,
+    show_envvar=True,
+    help="Prometheus /metrics port; 0 picks a free one.",
+)
+@click.option("--no-metrics", is_flag=True, show_envvar=True, help="Serve no metrics endpoint.")
+@click.option(
+    "--grace-period",
+    "grace_s",
+    type=float,
+    default=_DEFAULTS.grace_s,
+    show_envvar=True,
+    help="Seconds to finish accepted requests after SIGTERM.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=_DEFAULTS.log_level,
+    show_envvar=True,
+)
+@click.option(
+    "--log-format", type=click.Choice(LOG_FORMATS), default=_DEFAULTS.log_format, show_envvar=True
+)
+def main(no_metrics: bool, **options: object) -> None:
+    """Serve a digit-train ONNX model over gRPC with dynamic batching.
+
+    \b
+    Examples:
+      digit-server --model models/model.onnx
+      digit-server --model models/model.onnx --workers 2 --max-delay-us 500
+      DIGITS_PORT=6000 DIGITS_LOG_FORMAT=json digit-server
+    """
+    from digit_recognizer.server.app import StartupError, configure_logging, run
+
+    options["log_level"] = str(options["log_level"]).upper()
+    if no_metrics:
+        options["metrics_port"] = None
+    config = ServerConfig(**options)  # type: ignore[arg-type]
+    problems = config.validate()
+    if problems:
+        raise click.UsageError("\n".join(problems))
+    configure_logging(config.log_level, config.log_format)
+    try:
+        code = run(config)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    raise SystemExit(code)

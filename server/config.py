@@ -1,0 +1,85 @@
+"""Server configuration: one frozen dataclass, validated at start with one line per problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from digit_recognizer.server.batcher import BatcherLimits
+from digit_recognizer.server.inference import InferenceOptions
+from digit_recognizer.server.validation import max_message_bytes
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path
+    host: str = "[::]"
+    port: int = 50051
+    provider: str = "auto"
+    max_batch_size: int = 256
+    max_delay_us: int = 0
+    max_queue_size: int = 4096
+    max_images_per_request: int = 1024
+    intra_op_threads: int = 0
+    workers: int = 1
+    metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
+    metrics_host: str = "0.0.0.0"
+    grace_s: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def batcher_limits(self) -> BatcherLimits:
+        return BatcherLimits(self.max_batch_size, self.max_delay_us, self.max_queue_size)
+
+    @property
+    def inference(self) -> InferenceOptions:
+        return InferenceOptions(self.provider, self.intra_op_threads)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return max_message_bytes(self.max_images_per_request)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if self.max_delay_us < 0:
+            problems.append(f"--max-delay-us must be >= 0, got {self.max_delay_us}")
+        if self.max_queue_size < 1:
+            problems.append(f"--max-queue-size must be at least 1, got {self.max_queue_size}")
+        if not self.model.is_file():
+            problems.append(f"--model {self.model}: no such file")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.provider not in ("auto", "cpu", "cuda"):
+            problems.append(f"--provider must be auto, cpu or cuda, got {self.provider!r}")
+        if self.max_images_per_request < 1:
+            problems.append(
+                f"--max-images-per-request must be at least 1, got {self.max_images_per_request}"
+            )
+        elif self.max_images_per_request > self.max_queue_size:
+            problems.append(
+                f"--max-images-per-request ({self.max_images_per_request}) cannot exceed "
+                f"--max-queue-size ({self.max_queue_size}): such requests could never be queued"
+            )
+        if self.intra_op_threads < 0:
+            problems.append(f"--intra-op-threads must be >= 0, got {self.intra_op_threads}")
+        if self.workers < 1:
+            problems.append(f"--workers must be at least 1, got {self.workers}")
+        if self.grace_s < 0:
+            problems.append(f"--grace-period must be >= 0 seconds, got {self.grace_s}")
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"--log-format must be text or json, got {self.log_format!r}")
+        return problems

@@ -1,0 +1,92 @@
+"""The server's exceptions and their gRPC status codes: the one place where they meet.
+
+Domain code (validation, batcher, inference) raises these; the servicer turns them into a
+status with `to_status`. Anything else reaching a handler is a bug and becomes INTERNAL with
+a fixed message: details of bugs go to the log, never to callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+class ServingError(Exception):
+    """Base of everything the server reports to callers on purpose."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class Violation:
+    field: str
+    description: str
+
+
+class InvalidInput(ServingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, violations: list[Violation] | None = None) -> None:
+        super().__init__(message)
+        self.violations = violations or [Violation("request", message)]
+
+
+class Overloaded(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Expired(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotServing(ServingError):
+    """Not ready yet, or draining for shutdown."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class BatchFailed(ServingError):
+    """The model run that held these images failed; the server itself goes on."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ModelError(Exception):
+    """A model file cannot be served (missing, corrupt, wrong shape, no card). Start-up only."""
+
+
+@dataclass(frozen=True)
+class Status:
+    code: grpc.StatusCode
+    message: str
+    details: list[any_pb2.Any] = field(default_factory=list)
+
+    def to_rpc_status(self) -> status_pb2.Status:
+        """For grpcio-status: `context.abort_with_status(rpc_status.to_status(...))`."""
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=self.details
+        )
+
+
+INTERNAL_MESSAGE = "internal error while classifying; the server logged the details"
+
+
+def to_status(error: BaseException) -> Status:
+    if isinstance(error, InvalidInput):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        return Status(error.code, str(error), [detail])
+    if isinstance(error, ServingError):
+        return Status(error.code, str(error))
+    return Status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -1,0 +1,151 @@
+"""The onnxruntime session: provider choice, model validation, warm-up, the model card."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from digit_recognizer.server.errors import ModelError
+from digit_recognizer.trainer.card import PIXELS_PER_IMAGE, CardError, ModelCard
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDERS = {"cpu": CPU, "cuda": CUDA}
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    provider: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded, validated and warmed-up model. `predict` is thread-safe (onnxruntime)."""
+
+    session: ort.InferenceSession
+    card: ModelCard
+    path: Path
+    file_sha256: str
+    provider: str
+    input_name: str
+    output_name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card.labels)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        (probabilities,) = self.session.run([self.output_name], {self.input_name: pixels})
+        return probabilities
+
+
+def load_model(path: Path, options: InferenceOptions) -> Model:
+    """Load and check a model, or raise ModelError with one line saying what is wrong."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model ({exc.strerror or exc})") from None
+    if not data:
+        raise ModelError(f"{path}: model file is empty")
+    for provider in _provider_candidates(options.provider):
+        try:
+            model = _open(path, data, provider, options)
+        except ModelError:
+            raise
+        except Exception as exc:
+            if options.provider == "auto" and provider == CUDA:
+                log.warning("CUDA provider failed (%s); using the CPU", _first_line(exc))
+                continue
+            raise ModelError(f"{path}: cannot load with {provider} ({_first_line(exc)})") from None
+        return model
+    raise AssertionError("the CPU provider is always a candidate")  # pragma: no cover
+
+
+def _provider_candidates(choice: str) -> list[str]:
+    available = ort.get_available_providers()
+    if choice == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    if choice not in PROVIDERS:
+        raise ModelError(f"unknown provider {choice!r}; choose auto, cpu or cuda")
+    wanted = PROVIDERS[choice]
+    if wanted not in available:
+        raise ModelError(
+            f"provider {choice!r} requested but onnxruntime offers only {', '.join(available)}"
+            + (
+                "; install the [gpu] extra (onnxruntime-gpu) and a CUDA driver"
+                if choice == "cuda"
+                else ""
+            )
+        )
+    return [wanted]
+
+
+def _open(path: Path, data: bytes, provider: str, options: InferenceOptions) -> Model:
+    settings = ort.SessionOptions()
+    settings.intra_op_num_threads = options.intra_op_threads
+    settings.log_severity_level = 3  # errors only: ort's warnings are not actionable here
+    try:
+        session = ort.InferenceSession(data, settings, providers=[provider])
+    except Exception as exc:
+        if provider == CUDA:
+            raise
+        raise ModelError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
+    if session.get_providers()[0] != provider:
+        # onnxruntime silently falls back to the CPU when CUDA cannot start: never serve that
+        # under a `cuda` label.
+        raise RuntimeError(f"onnxruntime started {session.get_providers()[0]} instead")
+    try:
+        card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    except CardError as exc:
+        raise ModelError(f"{path}: {exc} (was it exported by digit-train?)") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if (
+        len(inputs) != 1
+        or inputs[0].type != "tensor(float)"
+        or len(inputs[0].shape) != 2
+        or (inputs[0].shape[1] != PIXELS_PER_IMAGE)
+    ):
+        found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+        raise ModelError(f"{path}: expected one float input [batch, 784], found {found}")
+    if len(outputs) != 1 or len(outputs[0].shape) != 2 or (outputs[0].shape[1] != len(card.labels)):
+        found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs)
+        raise ModelError(
+            f"{path}: expected one output [batch, {len(card.labels)}] (one column per label), "
+            f"found {found}"
+        )
+    model = Model(
+        session=session,
+        card=card,
+        path=path,
+        file_sha256=hashlib.sha256(data).hexdigest(),
+        provider=provider,
+        input_name=inputs[0].name,
+        output_name=outputs[0].name,
+    )
+    _warm_up(model)
+    return model
+
+
+def _warm_up(model: Model) -> None:
+    """One real inference before anyone is told the server is SERVING."""
+    try:
+        probabilities = model.predict(np.zeros((2, PIXELS_PER_IMAGE), np.float32))
+    except Exception as exc:
+        raise ModelError(f"{model.path}: warm-up inference failed ({_first_line(exc)})") from None
+    if probabilities.shape != (2, model.num_classes) or not np.isfinite(probabilities).all():
+        raise ModelError(
+            f"{model.path}: warm-up inference returned {probabilities.shape} "
+            f"(expected (2, {model.num_classes}) finite values)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,201 @@
+"""The thin gRPC servicer: parse, submit to the batcher, shape the reply, map errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+from digit_recognizer.server import metrics
+from digit_recognizer.server.batcher import Batcher, BatchResult
+from digit_recognizer.server.errors import Status, to_status
+from digit_recognizer.server.inference import Model
+from digit_recognizer.server.validation import parse_request
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_images_per_request: int
+    max_message_bytes: int
+
+
+class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
+    def __init__(self, model: Model, batcher: Batcher, limits: ServiceLimits) -> None:
+        self._model = model
+        self._batcher = batcher
+        self._limits = limits
+
+    async def Classify(
+        self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> digits_pb2.ClassifyResponse:
+        started = time.perf_counter()
+        try:
+            response = await self._classify(request, context)
+        except Exception as exc:
+            status = self._status_of(exc, "Classify")
+            self._observe("Classify", status.code, started)
+            await context.abort_with_status(rpc_status.to_status(status.to_rpc_status()))
+        self._observe("Classify", grpc.StatusCode.OK, started)
+        return response
+
+    async def ClassifyStream(
+        self,
+        request_iterator: AsyncIterator[digits_pb2.ClassifyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[digits_pb2.ClassifyStreamResponse]:
+        # Messages are classified concurrently so one stream can fill a batch; replies go out
+        # in completion order, each carrying its request_id.
+        replies: asyncio.Queue[digits_pb2.ClassifyStreamResponse | None] = asyncio.Queue()
+
+        async def answer(request: digits_pb2.ClassifyRequest) -> None:
+            replies.put_nowait(await self._stream_reply(request, context))
+
+        async def read_all() -> None:
+            in_flight: set[asyncio.Task[None]] = set()
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+
+    async def GetModelInfo(
+        self, request: digits_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> digits_pb2.ModelInfo:
+        started = time.perf_counter()
+        card, limits = self._model.card, self._batcher.limits
+        contract = card.input_contract
+        info = digits_pb2.ModelInfo(
+            name=card.name,
+            version=card.version,
+            weights_sha256=card.weights_sha256,
+            file_sha256=self._model.file_sha256,
+            test_accuracy=card.test_accuracy,
+            test_loss=card.test_loss,
+            labels=list(card.labels),
+            dataset=card.dataset,
+            created_at=card.created_at,
+            input=digits_pb2.InputContract(
+                name=self._model.input_name,
+                shape=contract.get("shape", [-1, 784]),
+                dtype=contract.get("dtype", "float32"),
+                layout=contract.get("layout", "28x28 row-major"),
+                min_value=contract.get("range", [0.0, 1.0])[0],
+                max_value=contract.get("range", [0.0, 1.0])[1],
+                background=contract.get("background", 0.0),
+            ),
+            execution_provider=self._model.provider,
+            batching=digits_pb2.BatchingLimits(
+                max_batch_size=limits.max_batch_size,
+                max_delay_us=limits.max_delay_us,
+                max_queue_size=limits.max_queue_size,
+                max_images_per_request=self._limits.max_images_per_request,
+                max_message_bytes=self._limits.max_message_bytes,
+            ),
+            training_config_json=json.dumps(card.training_config, sort_keys=True),
+        )
+        self._observe("GetModelInfo", grpc.StatusCode.OK, started)
+        return info
+
+    async def _classify(
+        self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> digits_pb2.ClassifyResponse:
+        pixels = parse_request(
+            request, self._limits.max_images_per_request, self._model.num_classes
+        )
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else loop.time() + remaining
+        result = await self._batcher.submit(pixels, deadline)
+        metrics.IMAGES.inc(len(pixels))
+        metrics.QUEUE_WAIT.observe(result.queue_us / 1e6)
+        return self._response(request, result)
+
+    async def _stream_reply(
+        self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> digits_pb2.ClassifyStreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await self._classify(request, context)
+        except Exception as exc:
+            status = self._status_of(exc, "ClassifyStream")
+            self._observe("ClassifyStream", status.code, started)
+            return digits_pb2.ClassifyStreamResponse(
+                request_id=request.request_id[:128],
+                error=digits_pb2.Error(code=status.code.value[0], message=status.message),
+            )
+        self._observe("ClassifyStream", grpc.StatusCode.OK, started)
+        return digits_pb2.ClassifyStreamResponse(request_id=request.request_id, response=response)
+
+    def _response(
+        self, request: digits_pb2.ClassifyRequest, result: BatchResult
+    ) -> digits_pb2.ClassifyResponse:
+        labels = self._model.card.labels
+        probabilities = result.outputs
+        best = probabilities.argmax(axis=1)
+        order = np.argsort(-probabilities, axis=1)[:, : request.top_k] if request.top_k else None
+        predictions = []
+        for i, row in enumerate(probabilities.tolist()):
+            digit = int(best[i])
+            top = (
+                [
+                    digits_pb2.Candidate(digit=int(k), label=labels[k], probability=row[k])
+                    for k in order[i]
+                ]
+                if order is not None
+                else None
+            )
+            predictions.append(
+                digits_pb2.Prediction(
+                    digit=digit,
+                    label=labels[digit],
+                    confidence=row[digit],
+                    probabilities=row,
+                    top=top,
+                )
+            )
+        return digits_pb2.ClassifyResponse(
+            request_id=request.request_id,
+            predictions=predictions,
+            model_version=self._model.card.version,
+            telemetry=digits_pb2.Telemetry(
+                batch_size=result.batch_size,
+                batches=result.batches,
+                queue_us=result.queue_us,
+                compute_us=result.compute_us,
+            ),
+        )
+
+    @staticmethod
+    def _status_of(exc: BaseException, method: str) -> Status:
+        status = to_status(exc)
+        if status.code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=exc)
+        elif status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            metrics.REJECTED.inc()
+        return status
+
+    @staticmethod
+    def _observe(method: str, code: grpc.StatusCode, started: float) -> None:
+        metrics.REQUESTS.labels(method, code.name).inc()
+        metrics.LATENCY.labels(method).observe(time.perf_counter() - started)

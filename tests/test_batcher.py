@@ -1,0 +1,238 @@
+"""The batcher with fake models; synchronisation by events, never by sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent
+from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
+
+
+class FakeModel:
+    """Doubles its input. `hold()` makes the next run block until `release()`."""
+
+    def __init__(self) -> None:
+        self.calls: list[np.ndarray] = []
+        self._gate = threading.Event()
+        self._gate.set()
+        self._loop = asyncio.get_running_loop()
+        self.running = asyncio.Event()
+        self.fail_with: Exception | None = None
+        self.drop_a_row = False
+
+    def hold(self) -> None:
+        self._gate.clear()
+        self.running.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.copy())
+        self._loop.call_soon_threadsafe(self.running.set)
+        assert self._gate.wait(timeout=10), "test never released the model"
+        if self.fail_with is not None:
+            raise self.fail_with
+        return (batch * 2)[: len(batch) - 1 if self.drop_a_row else None]
+
+
+def ids(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+@pytest.fixture
+async def model():
+    return FakeModel()
+
+
+async def make(model, **limits) -> Batcher:
+    batcher = Batcher(model, BatcherLimits(**limits))
+    batcher.start()
+    return batcher
+
+
+async def test_idle_server_runs_a_single_request_at_once(model):
+    batcher = await make(model, max_batch_size=8, max_delay_us=0)
+    result = await batcher.submit(ids(3))
+    assert result.outputs.tolist() == [[6.0]]
+    assert (result.batch_size, result.batches) == (1, 1)
+    await batcher.close()
+
+
+async def test_flushes_when_the_batch_is_full_without_waiting_the_delay(model):
+    batcher = await make(model, max_batch_size=4, max_delay_us=60_000_000)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(ids(i)) for i in range(4))), timeout=10
+    )
+    assert [r.outputs.item() for r in results] == [0, 2, 4, 6]
+    assert [len(c) for c in model.calls] == [4]
+    assert all(r.batch_size == 4 for r in results)
+    await batcher.close()
+
+
+async def test_flushes_after_the_delay_when_the_batch_stays_small(model):
+    batcher = await make(model, max_batch_size=64, max_delay_us=2_000)
+    results = await asyncio.wait_for(
+        asyncio.gather(batcher.submit(ids(1)), batcher.submit(ids(2))), timeout=10
+    )
+    assert [len(c) for c in model.calls] == [2]
+    assert [r.outputs.item() for r in results] == [2, 4]
+    await batcher.close()
+
+
+async def test_requests_arriving_during_a_run_form_the_next_batch_in_order(model):
+    batcher = await make(model, max_batch_size=16)
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(ids(1)))
+    await model.running.wait()
+    rest = [asyncio.ensure_future(batcher.submit(ids(10 + i, 20 + i))) for i in range(3)]
+    await asyncio.sleep(0)  # let the submits enqueue; no timing involved
+    assert batcher.queued_images == 6
+    model.release()
+    await first
+    outputs = [(await r).outputs.ravel().tolist() for r in rest]
+    assert outputs == [[20, 40], [22, 42], [24, 44]]
+    assert model.calls[1].ravel().tolist() == [10, 20, 11, 21, 12, 22]
+    await batcher.close()
+
+
+async def test_large_requests_are_split_across_batches_and_reassembled(model):
+    batcher = await make(model, max_batch_size=4, max_queue_size=100)
+    values = np.arange(10, dtype=np.float32).reshape(-1, 1)
+    result = await batcher.submit(values)
+    assert result.outputs.ravel().tolist() == (values.ravel() * 2).tolist()
+    assert [len(c) for c in model.calls] == [4, 4, 2]
+    assert (result.batches, result.batch_size) == (3, 4)
+    await batcher.close()
+
+
+async def test_a_failed_run_fails_every_caller_in_it_and_the_next_batch_works(model):
+    batcher = await make(model, max_batch_size=8)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()
+    model.fail_with = RuntimeError("onnxruntime exploded")
+    victims = [asyncio.ensure_future(batcher.submit(ids(i))) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    model.release()
+    with pytest.raises(BatchFailed):
+        await blocker
+    for victim in victims:
+        with pytest.raises(BatchFailed, match="model run failed on a batch of 3 images"):
+            await victim
+    model.fail_with = None
+    assert (await batcher.submit(ids(5))).outputs.item() == 10
+    await batcher.close()
+
+
+async def test_wrong_output_length_is_a_failed_batch(model):
+    batcher = await make(model)
+    model.drop_a_row = True
+    with pytest.raises(BatchFailed, match="model returned 1 rows for 2 images"):
+        await batcher.submit(ids(1, 2))
+    await batcher.close()
+
+
+async def test_a_failed_part_of_a_split_request_stops_the_rest(model):
+    batcher = await make(model, max_batch_size=2)
+    model.fail_with = RuntimeError("boom")
+    with pytest.raises(BatchFailed):
+        await batcher.submit(ids(1, 2, 3, 4, 5))
+    assert len(model.calls) == 1 and batcher.queued_images == 0
+    await batcher.close()
+
+
+async def test_cancelled_callers_are_never_computed(model):
+    skipped: list[str] = []
+    batcher = Batcher(model, BatcherLimits(max_batch_size=8), on_skip=skipped.append)
+    batcher.start()
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()
+    doomed = asyncio.ensure_future(batcher.submit(ids(99)))
+    kept = asyncio.ensure_future(batcher.submit(ids(7)))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    model.release()
+    await blocker
+    assert (await kept).outputs.item() == 14
+    assert all(99 not in call for call in model.calls)
+    assert skipped == ["cancelled"] and batcher.queued_images == 0
+    await batcher.close()
+
+
+async def test_expired_callers_get_deadline_exceeded_and_are_never_computed(model):
+    skipped: list[str] = []
+    batcher = Batcher(model, BatcherLimits(max_batch_size=8), on_skip=skipped.append)
+    batcher.start()
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()
+    loop = asyncio.get_running_loop()
+    expired = asyncio.ensure_future(batcher.submit(ids(99), deadline=loop.time()))
+    alive = asyncio.ensure_future(batcher.submit(ids(3), deadline=loop.time() + 60))
+    await asyncio.sleep(0)
+    model.release()
+    await blocker
+    with pytest.raises(Expired, match="not computed"):
+        await expired
+    assert (await alive).outputs.item() == 6
+    assert all(99 not in call for call in model.calls) and skipped == ["deadline"]
+    await batcher.close()
+
+
+async def test_full_queue_rejects_at_once_and_accepted_work_completes(model):
+    batcher = await make(model, max_batch_size=8, max_queue_size=4)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()  # the blocker left the queue: 0 of 4 queued
+    accepted = asyncio.ensure_future(batcher.submit(ids(1, 2, 3)))
+    await asyncio.sleep(0)
+    with pytest.raises(
+        Overloaded, match=r"queue full \(3 of 4 images waiting, this request adds 2\)"
+    ):
+        await batcher.submit(ids(4, 5))
+    model.release()
+    await blocker
+    assert (await accepted).outputs.ravel().tolist() == [2, 4, 6]
+    assert (await batcher.submit(ids(4, 5))).outputs.ravel().tolist() == [8, 10]
+    await batcher.close()
+
+
+async def test_close_finishes_accepted_work_then_refuses_new(model):
+    events: list[BatchEvent] = []
+    batcher = Batcher(model, BatcherLimits(max_batch_size=2), on_batch=events.append)
+    batcher.start()
+    model.hold()
+    accepted = [asyncio.ensure_future(batcher.submit(ids(i))) for i in range(5)]
+    await model.running.wait()
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    with pytest.raises(NotServing):
+        await batcher.submit(ids(9))
+    model.release()
+    await closing
+    assert [(await a).outputs.item() for a in accepted] == [0, 2, 4, 6, 8]
+    assert sum(e.size for e in events) == 5 and not any(e.failed for e in events)
+
+
+async def test_telemetry_reports_queue_and_compute_time(model):
+    batcher = await make(model)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()
+    waiting = asyncio.ensure_future(batcher.submit(ids(1)))
+    await asyncio.sleep(0.01)  # a measurable queue wait, not synchronisation
+    model.release()
+    await blocker
+    result = await waiting
+    assert result.queue_us >= 5_000 and result.compute_us >= 0
+    await batcher.close()
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="max batch size must be at least 1"):
+        Batcher(lambda x: x, BatcherLimits(max_batch_size=0))
