@@ -33,6 +33,9 @@ train: setup
 train-best: setup
 	$(BIN)/digit-train --preset best --output $(MODEL) --report reports/ $(TRAIN_ARGS)
 
+protos: setup
+	$(BIN)/python -m digit_recognizer.protos.generate
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

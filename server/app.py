@@ -17,6 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from digit_recognizer.protos import digits_pb2_grpc
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchEvent
@@ -24,8 +27,6 @@ from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.inference import Model, load_model
 from digit_recognizer.server.service import SERVICE_NAME, DigitClassifierService, ServiceLimits
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -40,13 +41,20 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    service: DigitClassifierService
     batcher: Batcher
     model: Model
 
     async def stop(self, grace_s: float) -> None:
         """Health NOT_SERVING, refuse new calls, finish accepted ones within the grace period."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        drained = await self.service.drain(grace_s)
+        if not drained:
+            log.warning(
+                "grace period over with %d requests unfinished", self.service.active_requests
+            )
+        # Long-lived calls (health Watch, idle streams) get a moment, then are closed.
+        await self.server.stop(min(grace_s, 1.0))
         await self.batcher.close()
 
 
@@ -91,7 +99,7 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     card = model.card
     metrics.MODEL_INFO.labels(card.name, card.version, model.provider, model.file_sha256).set(1)
-    return RunningServer(server, port, health_servicer, batcher, model)
+    return RunningServer(server, port, health_servicer, service, batcher, model)
 
 
 async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
@@ -129,7 +137,11 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
     log.info(
         "draining",
         extra={
-            "fields": {"grace_s": config.grace_s, "queued_images": running.batcher.queued_images}
+            "fields": {
+                "grace_s": config.grace_s,
+                "accepted_requests": running.service.active_requests,
+                "queued_images": running.batcher.queued_images,
+            }
         },
     )
     await running.stop(config.grace_s)

@@ -21,6 +21,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from digit_recognizer.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig
 
 _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))

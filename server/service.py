@@ -11,15 +11,17 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from grpc_status import rpc_status
+
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchResult
-from digit_recognizer.server.errors import Status, to_status
+from digit_recognizer.server.errors import NotServing, Status, to_status
 from digit_recognizer.server.inference import Model
 from digit_recognizer.server.validation import parse_request
-from grpc_status import rpc_status
 
 log = logging.getLogger(__name__)
+DRAIN_QUIET_S = 0.25
 SERVICE_NAME = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
 
 
@@ -34,6 +36,36 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         self._model = model
         self._batcher = batcher
         self._limits = limits
+        self._draining = False
+        self._last_arrival = 0.0
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work with UNAVAILABLE; wait up to timeout_s for accepted work to finish.
+
+        The transport stays open meanwhile: a call that reached us gets a clear, retryable
+        UNAVAILABLE instead of the CANCELLED that closing the port gives calls not yet handled.
+        """
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, give_up - loop.time()))
+            except TimeoutError:
+                return False
+            # Calls the transport already holds keep arriving for a moment; only when none has
+            # come for a quiet period is it safe to close the port.
+            quiet_for = loop.time() - self._last_arrival
+            if quiet_for >= DRAIN_QUIET_S or loop.time() >= give_up:
+                return self._active == 0
+            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_for, max(0.0, give_up - loop.time())))
 
     async def Classify(
         self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -120,13 +152,23 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
     async def _classify(
         self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> digits_pb2.ClassifyResponse:
+        loop = asyncio.get_running_loop()
+        self._last_arrival = loop.time()
+        if self._draining:
+            raise NotServing("the server is shutting down; retry (on another replica)")
         pixels = parse_request(
             request, self._limits.max_images_per_request, self._model.num_classes
         )
-        loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
         deadline = None if remaining is None else loop.time() + remaining
-        result = await self._batcher.submit(pixels, deadline)
+        self._active += 1
+        self._idle.clear()
+        try:
+            result = await self._batcher.submit(pixels, deadline)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
         metrics.IMAGES.inc(len(pixels))
         metrics.QUEUE_WAIT.observe(result.queue_us / 1e6)
         return self._response(request, result)

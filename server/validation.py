@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from digit_recognizer.protos import digits_pb2
 from digit_recognizer.server.errors import InvalidInput, Violation
 from digit_recognizer.trainer.card import PIXELS_PER_IMAGE

@@ -51,3 +51,50 @@ def mnist_dir() -> Path:
         if candidate and (Path(candidate) / "t10k-images-idx3-ubyte.gz").exists():
             return Path(candidate)
     pytest.skip("real MNIST files not found (set MNIST_DATA_DIR)")
+
+
+@pytest.fixture
+def tiny_model_path(tmp_path: Path) -> Path:
+    from onnx_models import save, tiny_model
+
+    return save(tiny_model(), tmp_path / "tiny.onnx")
+
+
+@pytest.fixture
+async def start_server():
+    """Factory: a real in-process gRPC server on 127.0.0.1:0; stopped after the test."""
+    from digit_recognizer.server.app import start_server as start
+    from digit_recognizer.server.config import ServerConfig
+    from digit_recognizer.server.inference import InferenceOptions, load_model
+
+    running = []
+
+    async def factory(model_path: Path, model=None, **overrides):
+        config = ServerConfig(
+            model=model_path, host="127.0.0.1", port=0, metrics_port=None, **overrides
+        )
+        model = model or load_model(model_path, InferenceOptions(provider="cpu"))
+        server = await start(config, model)
+        running.append(server)
+        return server
+
+    yield factory
+    for server in running:
+        await server.stop(0)
+
+
+@pytest.fixture(scope="session")
+def trained_model(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real model from the trainer (6,000 images, 2 epochs: ~15 s), shared by tests."""
+    from click.testing import CliRunner
+
+    from digit_recognizer.trainer.cli import main
+
+    output = tmp_path_factory.mktemp("trained") / "model.onnx"
+    args = ["--data-dir", str(mnist_dir), "--train-limit", "6000", "--epochs", "2"]
+    args += ["--hidden", "128", "--model-version", "7", "-o", str(output)]
+    args += ["--report", str(output.parent)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (output.parent / "train.log").write_text(result.output)
+    return output

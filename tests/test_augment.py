@@ -1,4 +1,5 @@
 import numpy as np
+
 from digit_recognizer.trainer.augment import Distorter, Distortion
 
 

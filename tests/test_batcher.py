@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent
 from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
 

@@ -1,4 +1,5 @@
 import pytest
+
 from digit_recognizer.trainer.card import CardError, ModelCard
 
 CARD = ModelCard(

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import idx_bytes, write_idx_set
+
 from digit_recognizer.trainer.data import DataError, load_dataset, read_idx, resolve_data_dir
+
+from conftest import idx_bytes, write_idx_set
 
 
 @pytest.mark.parametrize("gz", [True, False])

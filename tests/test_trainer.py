@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+
 from digit_recognizer.trainer.card import ModelCard
 from digit_recognizer.trainer.cli import main
 from digit_recognizer.trainer.config import BEST, NOTEBOOK
@@ -45,18 +46,15 @@ def test_labels_must_cover_the_data(idx_dir):
     assert result.exit_code == 1 and "only 3 class names" in result.output
 
 
-def test_small_training_exports_a_verified_self_describing_model(mnist_dir, tmp_path):
-    output = tmp_path / "m.onnx"
-    result = run(
-        *("--data-dir", str(mnist_dir), "--train-limit", "6000", "--epochs", "2"),
-        *("--hidden", "128", "--model-version", "7", "-o", str(output), "--report", str(tmp_path)),
-    )
-    assert result.exit_code == 0, result.output
-    assert "parity: onnxruntime == keras on 10000 test images" in result.output
-    assert "0 different predictions" in result.output
+def test_small_training_exports_a_verified_self_describing_model(trained_model, mnist_dir):
+    output = trained_model
+    log = (output.parent / "train.log").read_text()
+    assert "parity: onnxruntime == keras on 10000 test images" in log
+    assert "0 different predictions" in log
+    assert "epoch 2/2: " in log
     for png in ("training_curves.png", "confusion_matrix.png", "worst_errors.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    assert not list(tmp_path.glob(".m.onnx.*"))  # no temp file left behind
+        assert (output.parent / png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(output.parent.glob(".model.onnx.*"))  # no temp file left behind
 
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()

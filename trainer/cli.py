@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from digit_recognizer.trainer.card import CardError, ModelCard
 from digit_recognizer.trainer.config import (
     ACTIVATIONS,

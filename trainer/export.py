@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
+
 from digit_recognizer.trainer.card import INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE, ModelCard
 
 # 17 is the oldest opset with everything this graph needs that every maintained runtime

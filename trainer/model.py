@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+
 from digit_recognizer.trainer.augment import Distorter, Distortion
 from digit_recognizer.trainer.card import INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE
 from digit_recognizer.trainer.config import TrainConfig
