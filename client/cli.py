@@ -1,0 +1,361 @@
+"""`digit-client`: classify pictures, read the model card, check health, measure speed."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import numpy as np
+
+from digit_recognizer.client.client import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    AsyncDigitClient,
+    Credentials,
+    DigitClient,
+    Prediction,
+)
+from digit_recognizer.client.errors import DigitClientError, ImageError
+from digit_recognizer.client.images import is_image_file, render, to_mnist
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DIGITS"}
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
+
+
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--target, --timeout and the TLS / token options, shared by every command."""
+
+    @click.option(
+        "--target",
+        default=DEFAULT_TARGET,
+        show_default=True,
+        show_envvar=True,
+        help="Server address; dns:///host:port balances over every address.",
+    )
+    @click.option(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        show_default=True,
+        help="Seconds per call.",
+    )
+    @click.option("--tls", is_flag=True, help="Use TLS with the system's root certificates.")
+    @click.option(
+        "--ca-cert",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        show_envvar=True,
+        help="PEM root certificate(s) to verify the server (TLS).",
+    )
+    @click.option(
+        "--client-cert",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        show_envvar=True,
+        help="PEM client certificate (mutual TLS).",
+    )
+    @click.option(
+        "--client-key",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        show_envvar=True,
+        help="PEM client private key (mutual TLS).",
+    )
+    @click.option(
+        "--token-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        show_envvar=True,
+        help="File holding a bearer token.",
+    )
+    @functools.wraps(command)
+    def wrapper(
+        target: str,
+        timeout: float,
+        tls: bool,
+        ca_cert: Path | None,
+        client_cert: Path | None,
+        client_key: Path | None,
+        token_file: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        credentials = Credentials(
+            root_certificates=_read(ca_cert),
+            private_key=_read(client_key),
+            certificate_chain=_read(client_cert),
+            token=token_file.read_text().strip() if token_file else None,
+            tls=tls,
+        )
+        connect = functools.partial(
+            DigitClient, target=target, timeout=timeout, credentials=credentials
+        )
+        try:
+            return command(connect=connect, **kwargs)
+        except DigitClientError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+def main() -> None:
+    """Classify handwritten digits with a digit-server.
+
+    \b
+    Examples:
+      digit-client classify examples/*.png
+      digit-client classify photo.jpg --show --top-k 3
+      digit-client classify --json scans/ > answers.jsonl
+      digit-client info
+      digit-client health && echo ready
+      digit-client bench --concurrency 64 --duration 10
+    """
+
+
+def _expand(paths: tuple[str, ...]) -> list[str]:
+    expanded = []
+    for raw in paths:
+        path = Path(raw)
+        if raw != "-" and path.is_dir():
+            expanded.extend(
+                str(p) for p in sorted(path.iterdir()) if p.is_file() and is_image_file(p)
+            )
+        else:
+            expanded.append(raw)
+    return expanded
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--top-k", type=click.IntRange(0, 10), default=0, help="Also list the K best classes."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
+@click.option("--show", is_flag=True, help="Draw the 28x28 image the model sees.")
+@connection_options
+def classify(
+    connect: Callable[[], DigitClient],
+    images: tuple[str, ...],
+    top_k: int,
+    as_json: bool,
+    show: bool,
+) -> None:
+    """Classify pictures: files, directories of pictures, or - for standard input.
+
+    Any picture Pillow reads works: photos of ink on paper, scans, drawings on a transparent
+    canvas. Each is turned into an MNIST-style 28x28 digit first (see --show).
+    """
+    failures = 0
+    prepared: list[tuple[str, np.ndarray]] = []
+    for name in _expand(images):
+        try:
+            source = sys.stdin.buffer.read() if name == "-" else Path(name)
+            prepared.append((name, to_mnist(source, name="<stdin>" if name == "-" else name)))
+        except ImageError as exc:
+            failures += 1
+            click.echo(f"Error: {exc}", err=True)
+    if prepared:
+        with connect() as client:
+            predictions = client.classify_many(np.stack([p for _, p in prepared]), top_k=top_k)
+        for (name, pixels), prediction in zip(prepared, predictions, strict=True):
+            if show:
+                click.echo("\n".join(render(pixels)))
+            click.echo(_format(name, prediction, as_json))
+    if failures:
+        sys.exit(1)
+
+
+def _format(name: str, prediction: Prediction, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"path": name, **prediction.to_dict()})
+    line = f"{name}: {prediction.label} ({prediction.confidence:.3f})"
+    if prediction.top:
+        line += "  top: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in prediction.top)
+    return line
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the model info as JSON.")
+@connection_options
+def info(connect: Callable[[], DigitClient], as_json: bool) -> None:
+    """The served model's card, the execution provider and the batching limits."""
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+    from rich.table import Table
+
+    with connect() as client:
+        model = client.model_info()
+    data = MessageToDict(
+        model, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    table = Table(title=f"{model.name} {model.version}", show_header=False)
+    for key, value in data.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    Console().print(table)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--service", default="", help='Service to check ("" = the whole server).')
+@connection_options
+def health(connect: Callable[[], DigitClient], service: str) -> None:
+    """Print the health status; exit 0 only when SERVING (a container healthcheck)."""
+    with connect() as client:
+        status = client.health(service)
+    click.echo(status)
+    if status != "SERVING":
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calls in flight at once.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to run (ignored with --count).",
+)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many requests.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Images per request.",
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["f32", "u8", "packed"]),
+    default="f32",
+    show_default=True,
+    help="Wire encoding: raw float32 bytes, uint8 bytes, or repeated float.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@connection_options
+def bench(
+    connect: Callable[[], DigitClient],
+    concurrency: int,
+    duration: float,
+    count: int | None,
+    batch_size: int,
+    encoding: str,
+    as_json: bool,
+) -> None:
+    """Measure throughput and latency under a closed-loop load of real requests."""
+    client_args = connect.keywords
+    result = asyncio.run(
+        _bench(
+            client_args,
+            concurrency,
+            duration,
+            count,
+            batch_size,
+            encoding,
+            show_progress=not as_json,
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(
+        f"{result['requests']} requests ({result['images']} images) in {result['seconds']:.2f} s: "
+        f"{result['requests_per_s']:.0f} requests/s, {result['images_per_s']:.0f} images/s\n"
+        f"latency ms: p50 {result['p50_ms']:.2f}, p90 {result['p90_ms']:.2f}, "
+        f"p99 {result['p99_ms']:.2f}, max {result['max_ms']:.2f}"
+        + (f"\nerrors: {result['errors']}" if result["errors"] else "")
+    )
+
+
+async def _bench(
+    client_args: dict[str, Any],
+    concurrency: int,
+    duration: float,
+    count: int | None,
+    batch_size: int,
+    encoding: str,
+    show_progress: bool,
+) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from digit_recognizer.protos import digits_pb2
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((batch_size, 784), dtype=np.float32)
+    if encoding == "u8":
+        request = digits_pb2.ClassifyRequest(pixels_u8=(pixels * 255).astype(np.uint8).tobytes())
+    elif encoding == "packed":
+        request = digits_pb2.ClassifyRequest(pixels=pixels.ravel())
+    else:
+        request = digits_pb2.ClassifyRequest(pixels_f32le=pixels.astype("<f4").tobytes())
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    issued = 0
+    async with AsyncDigitClient(**client_args) as client:
+        await client.health()  # connect before the clock starts
+        stub, timeout = client._stub, client.timeout
+        started = time.perf_counter()
+        stop_at = started + (float("inf") if count else duration)
+        total = count or duration
+
+        with Progress(
+            TextColumn("bench"),
+            BarColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            transient=True,
+            disable=not show_progress,
+        ) as bar:
+            task = bar.add_task("", total=total)
+
+            async def worker() -> None:
+                nonlocal issued
+                while time.perf_counter() < stop_at and (count is None or issued < count):
+                    issued += 1
+                    sent = time.perf_counter()
+                    try:
+                        await stub.Classify(request, timeout=timeout)
+                        latencies.append(time.perf_counter() - sent)
+                    except grpc.aio.AioRpcError as exc:  # counted by code, never fatal
+                        errors[exc.code().name] += 1
+                    done = len(latencies) + sum(errors.values())
+                    bar.update(
+                        task,
+                        completed=done if count else time.perf_counter() - started,
+                        description=f"{done} requests",
+                    )
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "concurrency": concurrency,
+        "batch_size": batch_size,
+        "encoding": encoding,
+        "requests": len(latencies),
+        "images": len(latencies) * batch_size,
+        "seconds": seconds,
+        "requests_per_s": len(latencies) / seconds,
+        "images_per_s": len(latencies) * batch_size / seconds,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+        "errors": dict(errors),
+    }

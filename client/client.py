@@ -1,0 +1,466 @@
+"""`DigitClient` (blocking) and `AsyncDigitClient` (asyncio): the service from Python.
+
+    with DigitClient("localhost:50051") as client:
+        print(client.classify_image("seven.png").digit)
+
+Both share everything but the calls themselves: input normalisation, request encoding,
+reply decoding and the channel's service config, which carries the retry policy (UNAVAILABLE
+only: retrying RESOURCE_EXHAUSTED at once is what turns an overload into an outage) and
+round-robin balancing over every address a `dns:///host:port` target resolves to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from digit_recognizer.client.errors import DigitClientError, InvalidInput, from_rpc_error
+from digit_recognizer.client.images import ImageSource, to_mnist
+from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+
+PIXELS = 784
+SERVICE = "digits.v1.DigitClassifier"
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_CHUNK = 256  # images per request when the server's own limit is not known yet
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    digit: int
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    batch_size: int
+    batches: int
+    queue_us: int
+    compute_us: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    digit: int
+    label: str
+    confidence: float
+    probabilities: tuple[float, ...]
+    top: tuple[Candidate, ...]
+    model_version: str
+    telemetry: Telemetry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "digit": self.digit,
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "probabilities": [round(p, 6) for p in self.probabilities],
+            **({"top": [c.__dict__ for c in self.top]} if self.top else {}),
+            "model_version": self.model_version,
+        }
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """TLS (server-verified), mutual TLS (with a client key and certificate), bearer token."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    token: str | None = None
+    tls: bool = False
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or any((self.root_certificates, self.private_key, self.certificate_chain))
+
+
+def as_pixels(images: Any) -> np.ndarray:
+    """Arrays shaped (784,), (28, 28), (N, 784) or (N, 28, 28); uint8 0-255 or float 0-1.
+
+    Returns (N, 784), uint8 or float32, ready for the wire.
+    """
+    array = np.asarray(images)
+    if array.dtype == object or array.size == 0:
+        raise InvalidInput(
+            f"expected numbers shaped (784,), (28, 28), (N, 784) or (N, 28, 28); "
+            f"got {array.dtype} {array.shape}"
+        )
+    shape = array.shape
+    if shape in ((PIXELS,), (28, 28)):
+        array = array.reshape(1, PIXELS)
+    elif array.ndim == 2 and shape[1] == PIXELS:
+        pass
+    elif array.ndim == 3 and shape[1:] == (28, 28):
+        array = array.reshape(shape[0], PIXELS)
+    else:
+        raise InvalidInput(
+            f"expected an image shaped (784,) or (28, 28), or a batch shaped (N, 784) or "
+            f"(N, 28, 28); got shape {shape}"
+        )
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise InvalidInput(f"expected uint8 0-255 or float 0-1 pixels, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise InvalidInput("integer pixels must be in 0-255")
+        return array.astype(np.uint8)
+    floats = array.astype(np.float32)
+    bad = ~((floats >= 0) & (floats <= 1))
+    if bad.any():
+        image, pixel = map(int, np.argwhere(bad)[0])
+        raise InvalidInput(
+            f"image {image}, pixel {pixel} is {floats[image, pixel]}; float pixels must be in "
+            "[0, 1] (0 = background, 1 = ink); pass uint8 for 0-255 values"
+        )
+    return floats
+
+
+def encode(pixels: np.ndarray, top_k: int = 0, request_id: str = "") -> digits_pb2.ClassifyRequest:
+    if pixels.dtype == np.uint8:
+        return digits_pb2.ClassifyRequest(
+            request_id=request_id, pixels_u8=pixels.tobytes(), top_k=top_k
+        )
+    return digits_pb2.ClassifyRequest(
+        request_id=request_id, pixels_f32le=pixels.astype("<f4").tobytes(), top_k=top_k
+    )
+
+
+def decode(reply: digits_pb2.ClassifyResponse) -> list[Prediction]:
+    telemetry = Telemetry(
+        reply.telemetry.batch_size,
+        reply.telemetry.batches,
+        reply.telemetry.queue_us,
+        reply.telemetry.compute_us,
+    )
+    return [
+        Prediction(
+            digit=p.digit,
+            label=p.label,
+            confidence=p.confidence,
+            probabilities=tuple(p.probabilities),
+            top=tuple(Candidate(c.digit, c.label, c.probability) for c in p.top),
+            model_version=reply.model_version,
+            telemetry=telemetry,
+        )
+        for p in reply.predictions
+    ]
+
+
+def _chunks(pixels: np.ndarray, size: int) -> list[np.ndarray]:
+    return [pixels[i : i + size] for i in range(0, len(pixels), size)]
+
+
+def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        *extra,
+    ]
+
+
+def _channel_credentials(credentials: Credentials) -> grpc.ChannelCredentials | None:
+    if not credentials.secure:
+        return None
+    channel = grpc.ssl_channel_credentials(
+        credentials.root_certificates, credentials.private_key, credentials.certificate_chain
+    )
+    if credentials.token:
+        return grpc.composite_channel_credentials(
+            channel, grpc.access_token_call_credentials(credentials.token)
+        )
+    return channel
+
+
+def _metadata(
+    credentials: Credentials, metadata: Sequence[tuple[str, str]]
+) -> tuple[tuple[str, str], ...]:
+    # On a plaintext channel gRPC refuses call credentials, so the token travels as metadata.
+    if credentials.token and not credentials.secure:
+        return (("authorization", f"Bearer {credentials.token}"), *metadata)
+    return tuple(metadata)
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None,
+        credentials: Credentials | None,
+        metadata: Sequence[tuple[str, str]],
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._credentials = credentials or Credentials()
+        self._metadata = _metadata(self._credentials, metadata)
+        self._options = _channel_options(options)
+        self._chunk: int | None = None
+
+    def _error(self, error: grpc.RpcError) -> DigitClientError:
+        return from_rpc_error(error, self.target)
+
+
+class DigitClient(_Base):
+    """Blocking client. Thread-safe; reuse one per process (it holds the connections)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        credentials: Credentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout, credentials, metadata, options)
+        secure = _channel_credentials(self._credentials)
+        self._channel = (
+            grpc.secure_channel(target, secure, self._options)
+            if secure
+            else grpc.insecure_channel(target, self._options)
+        )
+        self._stub = digits_pb2_grpc.DigitClassifierStub(self._channel)
+
+    def __enter__(self) -> DigitClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def classify(self, pixels: Any, *, top_k: int = 0) -> Prediction:
+        """One image: (784,) or (28, 28), uint8 0-255 or float 0-1."""
+        array = as_pixels(pixels)
+        if len(array) != 1:
+            raise InvalidInput(f"classify takes one image, got {len(array)}; use classify_many")
+        return self._call(encode(array, top_k))[0]
+
+    def classify_many(self, images: Any, *, top_k: int = 0) -> list[Prediction]:
+        """Any number of images; sent in concurrent requests of the server's size limit."""
+        pixels = as_pixels(images)
+        futures = [
+            self._stub.Classify.future(
+                encode(chunk, top_k), timeout=self.timeout, metadata=self._metadata
+            )
+            for chunk in _chunks(pixels, self._chunk_size())
+        ]
+        predictions: list[Prediction] = []
+        try:
+            for future in futures:
+                predictions.extend(decode(future.result()))
+        except grpc.RpcError as error:
+            for future in futures:
+                future.cancel()
+            raise self._error(error) from None
+        return predictions
+
+    def classify_image(self, source: ImageSource, *, top_k: int = 0) -> Prediction:
+        """A picture (path, bytes, file object or PIL image), preprocessed like MNIST."""
+        return self.classify(to_mnist(source), top_k=top_k)
+
+    def stream(
+        self, batches: Iterable[Any], *, top_k: int = 0
+    ) -> Iterator[tuple[str, list[Prediction] | DigitClientError]]:
+        """ClassifyStream: yields (request_id, predictions or the error for that message)."""
+
+        def requests() -> Iterator[digits_pb2.ClassifyRequest]:
+            for index, images in enumerate(batches):
+                yield encode(as_pixels(images), top_k, request_id=str(index))
+
+        try:
+            for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
+                yield _stream_item(reply, self.target)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def model_info(self) -> digits_pb2.ModelInfo:
+        try:
+            return self._stub.GetModelInfo(
+                digits_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def health(self, service: str = "") -> str:
+        """ "SERVING", "NOT_SERVING", ... for the whole server ("") or one service."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def _call(self, request: digits_pb2.ClassifyRequest) -> list[Prediction]:
+        try:
+            reply = self._stub.Classify(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return decode(reply)
+
+    def _chunk_size(self) -> int:
+        if self._chunk is None:
+            self._chunk = self.model_info().batching.max_images_per_request or DEFAULT_CHUNK
+        return self._chunk
+
+
+class AsyncDigitClient(_Base):
+    """asyncio client: `async with AsyncDigitClient(...) as client:`."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        credentials: Credentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout, credentials, metadata, options)
+        secure = _channel_credentials(self._credentials)
+        self._channel = (
+            grpc.aio.secure_channel(target, secure, self._options)
+            if secure
+            else grpc.aio.insecure_channel(target, self._options)
+        )
+        self._stub = digits_pb2_grpc.DigitClassifierStub(self._channel)
+
+    async def __aenter__(self) -> AsyncDigitClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def classify(self, pixels: Any, *, top_k: int = 0) -> Prediction:
+        array = as_pixels(pixels)
+        if len(array) != 1:
+            raise InvalidInput(f"classify takes one image, got {len(array)}; use classify_many")
+        return (await self._call(encode(array, top_k)))[0]
+
+    async def classify_many(self, images: Any, *, top_k: int = 0) -> list[Prediction]:
+        pixels = as_pixels(images)
+        size = await self._chunk_size()
+        calls = [self._call(encode(chunk, top_k)) for chunk in _chunks(pixels, size)]
+        results = await asyncio.gather(*calls)
+        return [prediction for chunk in results for prediction in chunk]
+
+    async def classify_image(self, source: ImageSource, *, top_k: int = 0) -> Prediction:
+        pixels = await asyncio.to_thread(to_mnist, source)
+        return await self.classify(pixels, top_k=top_k)
+
+    async def stream(
+        self, batches: Iterable[Any] | AsyncIterator[Any], *, top_k: int = 0
+    ) -> AsyncIterator[tuple[str, list[Prediction] | DigitClientError]]:
+        async def requests() -> AsyncIterator[digits_pb2.ClassifyRequest]:
+            index = 0
+            if isinstance(batches, AsyncIterator):
+                async for images in batches:
+                    yield encode(as_pixels(images), top_k, request_id=str(index))
+                    index += 1
+            else:
+                for images in batches:
+                    yield encode(as_pixels(images), top_k, request_id=str(index))
+                    index += 1
+
+        try:
+            async for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
+                yield _stream_item(reply, self.target)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    async def model_info(self) -> digits_pb2.ModelInfo:
+        try:
+            return await self._stub.GetModelInfo(
+                digits_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    async def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def _call(self, request: digits_pb2.ClassifyRequest) -> list[Prediction]:
+        try:
+            reply = await self._stub.Classify(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        return decode(reply)
+
+    async def _chunk_size(self) -> int:
+        if self._chunk is None:
+            info = await self.model_info()
+            self._chunk = info.batching.max_images_per_request or DEFAULT_CHUNK
+        return self._chunk
+
+
+def _stream_item(
+    reply: digits_pb2.ClassifyStreamResponse, target: str
+) -> tuple[str, list[Prediction] | DigitClientError]:
+    if reply.WhichOneof("result") == "error":
+        code = next((c for c in grpc.StatusCode if c.value[0] == reply.error.code), None)
+        fake = _StatusOnly(code, reply.error.message)
+        return reply.request_id, from_rpc_error(fake, target)
+    return reply.request_id, decode(reply.response)
+
+
+class _StatusOnly(grpc.RpcError):
+    """A per-message stream error, shaped like an RpcError for `from_rpc_error`."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details

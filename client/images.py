@@ -1,0 +1,227 @@
+"""The one place that turns a picture into the model's input: 784 floats, MNIST-style.
+
+Real pictures are not MNIST: dark ink on light paper, large, off-centre, RGB, RGBA with a
+transparent background, JPEG noise, thin pen strokes. MNIST digits are light ink on a black
+background, the ink's bounding box fitted into 20x20 keeping its aspect ratio, then placed in
+a 28x28 frame so that the centre of mass sits at the centre. `to_mnist` does exactly that; a
+picture that already is a 28x28 MNIST-style digit passes through untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+from digit_recognizer.client.errors import ImageError
+
+SIDE = 28
+BOX = 20  # MNIST fits the ink's bounding box into 20x20
+MAX_PIXELS = 40_000_000  # refuse decompression bombs long before Pillow's own 178M limit
+_WORK_SIDE = 4 * BOX  # intermediate size where stroke width is measured and corrected
+_MNIST_STROKE_PX = 2.2  # typical MNIST stroke width inside the 20-pixel box
+_INK_THRESHOLD = 0.25  # after contrast normalisation, fainter pixels are background
+_MIN_CONTRAST = 0.12
+
+ImageSource = str | os.PathLike[str] | bytes | BinaryIO | Image.Image
+
+
+def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Open anything Pillow reads, fully decoded, EXIF orientation applied."""
+    label = name or _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                handle = io.BytesIO(source) if isinstance(source, bytes) else source
+                image = Image.open(handle)
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(
+                        f"{label}: image is {width}x{height} = {width * height:,} pixels, over "
+                        f"the {MAX_PIXELS:,} limit (decompression-bomb protection)"
+                    )
+                image.load()
+        except ImageError:
+            raise
+        except FileNotFoundError:
+            raise ImageError(f"{label}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(f"{label}: is a directory") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{label}: not an image Pillow can read") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{label}: refused as a decompression bomb ({exc})") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageError(f"{label}: cannot decode image ({exc})") from None
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose an otherwise good picture
+        return image
+
+
+def to_mnist(source: ImageSource, name: str | None = None) -> np.ndarray:
+    """Any picture of one digit -> float32 (784,) in [0, 1], 0 = background, 1 = ink."""
+    label = name or _describe(source)
+    image = load_image(source, label)
+    gray = _to_gray(image)
+    if _is_mnist_style(gray):
+        return gray.reshape(SIDE * SIDE)
+    ink = _normalise(gray, label)
+    return _frame(ink, label).reshape(SIDE * SIDE)
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return "<image>"
+    if isinstance(source, bytes):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    """Luminance in [0, 1]; transparent areas become the background the ink stands out from."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float32)
+        top = float(values.max()) or 1.0
+        return values / (65535.0 if top > 255 else 255.0)
+    if image.mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if not has_alpha:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    alpha = rgba[..., 3]
+    luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    opaque = alpha > 0.5
+    if opaque.all() or not opaque.any():
+        return luminance
+    # Ink drawn on a transparent canvas: put it on paper of the opposite shade.
+    paper = 1.0 if float(np.median(luminance[opaque])) < 0.5 else 0.0
+    return luminance * alpha + paper * (1.0 - alpha)
+
+
+def _is_mnist_style(gray: np.ndarray) -> bool:
+    if gray.shape != (SIDE, SIDE):
+        return False
+    border = np.concatenate(
+        [gray[:2].ravel(), gray[-2:].ravel(), gray[:, :2].ravel(), gray[:, -2:].ravel()]
+    )
+    return float(border.max()) <= 0.1 and float(gray.max()) >= 0.5
+
+
+def _normalise(gray: np.ndarray, label: str) -> np.ndarray:
+    """Light ink on a zero background, contrast stretched to [0, 1]."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if float(np.median(border)) > 0.5:  # dark ink on light paper: the usual photo
+        gray = 1.0 - gray
+    background = float(np.median(gray))
+    peak = float(np.percentile(gray, 99.9))
+    if peak - background < _MIN_CONTRAST:
+        raise ImageError(f"{label}: no digit found (blank picture or too little contrast)")
+    ink = np.clip((gray - background) / (peak - background), 0.0, 1.0)
+    ink = np.clip((ink - _INK_THRESHOLD) / (1.0 - _INK_THRESHOLD), 0.0, 1.0)
+    return ink.astype(np.float32)
+
+
+def _bounding_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
+    mask = ink > 0
+    if max(ink.shape) > 2 * SIDE:
+        # Specks of paper texture or JPEG noise must not stretch the box.
+        cleaned = Image.fromarray((mask * 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
+        mask = np.asarray(cleaned) > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _stroke_width(ink: np.ndarray) -> float:
+    """Area over half the perimeter: the width of a long stroke."""
+    mask = ink > 0.5
+    area = float(mask.sum())
+    if area == 0:
+        return 0.0
+    padded = np.pad(mask, 1)
+    edges = (
+        (padded[1:-1, 1:-1] & ~padded[:-2, 1:-1]).sum()
+        + (padded[1:-1, 1:-1] & ~padded[2:, 1:-1]).sum()
+        + (padded[1:-1, 1:-1] & ~padded[1:-1, :-2]).sum()
+        + (padded[1:-1, 1:-1] & ~padded[1:-1, 2:]).sum()
+    )
+    return 2.0 * area / max(float(edges) / 2.0, 1.0)
+
+
+def _resize(ink: np.ndarray, width: int, height: int) -> np.ndarray:
+    resized = Image.fromarray(ink, mode="F").resize(
+        (max(1, width), max(1, height)), Image.Resampling.LANCZOS
+    )
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _frame(ink: np.ndarray, label: str) -> np.ndarray:
+    box = _bounding_box(ink)
+    if box is None:
+        raise ImageError(f"{label}: no digit found (no ink after cleaning up noise)")
+    top, bottom, left, right = box
+    crop = ink[top:bottom, left:right]
+    height, width = crop.shape
+    # Work at 4x the final size: big enough to measure strokes, small enough to be quick.
+    scale = _WORK_SIDE / max(height, width)
+    work = _resize(crop, round(width * scale), round(height * scale))
+    thinness = _MNIST_STROKE_PX * _WORK_SIDE / BOX - _stroke_width(work)
+    if thinness >= 2:  # thin pen strokes would fade to nothing at 20 pixels: thicken them
+        size = min(2 * int(thinness // 2) + 1, 9)
+        work = np.asarray(Image.fromarray(work, mode="F").filter(ImageFilter.MaxFilter(size)))
+    fit = BOX / max(work.shape)
+    small = _resize(work, round(work.shape[1] * fit), round(work.shape[0] * fit))
+    if small.max() > 0:
+        small = small / small.max()
+    frame = np.zeros((SIDE, SIDE), np.float32)
+    mass = small.sum()
+    rows, cols = np.indices(small.shape)
+    centre_row = float((rows * small).sum() / mass) if mass else small.shape[0] / 2
+    centre_col = float((cols * small).sum() / mass) if mass else small.shape[1] / 2
+    top = int(np.clip(round(SIDE / 2 - centre_row), 0, SIDE - small.shape[0]))
+    left = int(np.clip(round(SIDE / 2 - centre_col), 0, SIDE - small.shape[1]))
+    frame[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return frame
+
+
+def render(pixels: np.ndarray) -> list[str]:
+    """28x28 pixels as 14 lines of half blocks with 24-bit colour escape codes (for --show)."""
+    image = np.clip(np.asarray(pixels, np.float32).reshape(SIDE, SIDE) * 255, 0, 255).astype(int)
+    lines = []
+    for row in range(0, SIDE, 2):
+        cells = []
+        for col in range(SIDE):
+            upper, lower = image[row, col], image[row + 1, col]
+            cells.append(f"\x1b[38;2;{upper};{upper};{upper}m\x1b[48;2;{lower};{lower};{lower}m▀")
+        lines.append("".join(cells) + "\x1b[0m")
+    return lines
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".pgm",
+        ".ppm",
+    }
