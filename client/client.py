@@ -294,15 +294,21 @@ class DigitClient(_Base):
     ) -> Iterator[tuple[str, list[Prediction] | DigitClientError]]:
         """ClassifyStream: yields (request_id, predictions or the error for that message)."""
 
+        rejected: list[tuple[str, DigitClientError]] = []
+
         def requests() -> Iterator[digits_pb2.ClassifyRequest]:
             for index, images in enumerate(batches):
-                yield encode(as_pixels(images), top_k, request_id=str(index))
+                request = _stream_request(images, top_k, str(index), rejected)
+                if request is not None:
+                    yield request
 
         try:
             for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
+                yield from _drain(rejected)
                 yield _stream_item(reply, self.target)
         except grpc.RpcError as error:
             raise self._error(error) from None
+        yield from _drain(rejected)
 
     def model_info(self) -> digits_pb2.ModelInfo:
         try:
@@ -388,22 +394,25 @@ class AsyncDigitClient(_Base):
     async def stream(
         self, batches: Iterable[Any] | AsyncIterator[Any], *, top_k: int = 0
     ) -> AsyncIterator[tuple[str, list[Prediction] | DigitClientError]]:
+        rejected: list[tuple[str, DigitClientError]] = []
+
         async def requests() -> AsyncIterator[digits_pb2.ClassifyRequest]:
             index = 0
-            if isinstance(batches, AsyncIterator):
-                async for images in batches:
-                    yield encode(as_pixels(images), top_k, request_id=str(index))
-                    index += 1
-            else:
-                for images in batches:
-                    yield encode(as_pixels(images), top_k, request_id=str(index))
-                    index += 1
+            async for images in _aiter(batches):
+                request = _stream_request(images, top_k, str(index), rejected)
+                index += 1
+                if request is not None:
+                    yield request
 
         try:
             async for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
+                for item in _drain(rejected):
+                    yield item
                 yield _stream_item(reply, self.target)
         except grpc.RpcError as error:
             raise self._error(error) from None
+        for item in _drain(rejected):
+            yield item
 
     async def model_info(self) -> digits_pb2.ModelInfo:
         try:
@@ -439,6 +448,33 @@ class AsyncDigitClient(_Base):
             info = await self.model_info()
             self._chunk = info.batching.max_images_per_request or DEFAULT_CHUNK
         return self._chunk
+
+
+def _stream_request(
+    images: Any, top_k: int, request_id: str, rejected: list[tuple[str, DigitClientError]]
+) -> digits_pb2.ClassifyRequest | None:
+    """Bad input is reported for its own message, like a server-side error, and not sent."""
+    try:
+        return encode(as_pixels(images), top_k, request_id=request_id)
+    except InvalidInput as error:
+        rejected.append((request_id, error))
+        return None
+
+
+def _drain(
+    rejected: list[tuple[str, DigitClientError]],
+) -> Iterator[tuple[str, DigitClientError]]:
+    while rejected:
+        yield rejected.pop(0)
+
+
+async def _aiter(items: Iterable[Any] | AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if isinstance(items, AsyncIterator):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 def _stream_item(

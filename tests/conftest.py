@@ -98,3 +98,19 @@ def trained_model(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert result.exit_code == 0, result.output
     (output.parent / "train.log").write_text(result.output)
     return output
+
+
+@pytest.fixture
+def processes():
+    """Factory: `digit-server` processes on 127.0.0.1:0, killed after the test if still up."""
+    from processes import ServerProcess
+
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        started.append(ServerProcess(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()

@@ -30,9 +30,12 @@ def photo_style(digit: np.ndarray, rng: np.random.Generator, kind: str) -> Image
     """A 28x28 uint8 MNIST digit -> a large, off-centre, dark-on-light picture."""
     scale = rng.uniform(3, 10)
     side = round(28 * scale)
-    ink = np.asarray(
-        Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC), np.float32
-    ) / 255.0
+    ink = (
+        np.asarray(
+            Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC), np.float32
+        )
+        / 255.0
+    )
     ink = np.clip(ink, 0, 1)
     canvas_h, canvas_w = round(side * rng.uniform(1.2, 1.8)), round(side * rng.uniform(1.2, 2.0))
     top, left = rng.integers(0, canvas_h - side + 1), rng.integers(0, canvas_w - side + 1)

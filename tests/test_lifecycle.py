@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,55 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 
 from onnx_models import one_hot_image, save, slow_model
-
-DIGIT_SERVER = str(Path(sys.executable).parent / "digit-server")
-
-
-class ServerProcess:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [DIGIT_SERVER, "--host", "127.0.0.1", "--port", "0", "--no-metrics", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: list[str] = []
-
-    def wait_serving(self, count: int = 1, timeout: float = 60) -> int:
-        """Read the log until `count` "serving" lines; return the port they share."""
-        ports = []
-        deadline = time.monotonic() + timeout
-        while len(ports) < count:
-            assert time.monotonic() < deadline, "server did not start:\n" + "".join(self.log)
-            line = self.proc.stderr.readline()
-            assert line, "server exited during start-up:\n" + "".join(self.log)
-            self.log.append(line)
-            if match := re.search(r" serving .*address=\S+:(\d+)", line):
-                ports.append(int(match.group(1)))
-        assert len(set(ports)) == 1
-        return ports[0]
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        _, rest = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, "".join(self.log) + rest
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-
-@pytest.fixture
-def processes():
-    started: list[ServerProcess] = []
-
-    def start(*args: str) -> ServerProcess:
-        started.append(ServerProcess(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
+from processes import ServerProcess
 
 
 @pytest.mark.parametrize(

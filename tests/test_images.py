@@ -1,0 +1,170 @@
+"""Picture preprocessing on generated pictures with known expected outcomes."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digit_recognizer.client.errors import ImageError
+from digit_recognizer.client.images import to_mnist
+
+from pictures import photo_style
+
+
+def bar_digit(size=(300, 200), box=(60, 90, 240, 110), ink=30, paper=235) -> Image.Image:
+    """A "1": a dark vertical bar on light paper (box = top, left, bottom, right)."""
+    canvas = np.full(size, paper, np.uint8)
+    top, left, bottom, right = box
+    canvas[top:bottom, left:right] = ink
+    return Image.fromarray(canvas, "L")
+
+
+def centre_of_mass(pixels: np.ndarray) -> tuple[float, float]:
+    image = pixels.reshape(28, 28)
+    rows, cols = np.indices(image.shape)
+    mass = image.sum()
+    return float((rows * image).sum() / mass), float((cols * image).sum() / mass)
+
+
+def ink_box(pixels: np.ndarray) -> tuple[int, int]:
+    image = pixels.reshape(28, 28) > 0.1
+    rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def assert_mnist_like(pixels: np.ndarray) -> None:
+    assert pixels.shape == (784,) and pixels.dtype == np.float32
+    assert pixels.min() >= 0.0 and pixels.max() == pytest.approx(1.0, abs=0.05)
+    row, col = centre_of_mass(pixels)
+    assert abs(row - 14) <= 1 and abs(col - 14) <= 1
+    height, width = ink_box(pixels)
+    assert max(height, width) <= 21
+    frame = pixels.reshape(28, 28)
+    assert np.median(frame) == 0  # a clean black background, as in MNIST
+
+
+def test_dark_ink_on_light_paper_is_inverted_fitted_and_centred():
+    pixels = to_mnist(bar_digit())
+    assert_mnist_like(pixels)
+    height, width = ink_box(pixels)
+    assert height == 20 and width <= 6  # tall and thin, aspect ratio kept
+
+
+def test_off_centre_digit_on_a_big_canvas_is_centred():
+    pixels = to_mnist(bar_digit(size=(1200, 1600), box=(900, 1400, 1150, 1440)))
+    assert_mnist_like(pixels)
+
+
+def test_light_ink_on_dark_background_is_not_inverted():
+    inverted = Image.fromarray(255 - np.asarray(bar_digit()), "L")
+    np.testing.assert_allclose(to_mnist(inverted), to_mnist(bar_digit()), atol=1e-6)
+
+
+def test_rgba_drawing_on_a_transparent_canvas():
+    alpha = 255 - np.asarray(bar_digit(ink=0, paper=255))
+    rgba = np.zeros((*alpha.shape, 4), np.uint8)
+    rgba[..., 3] = alpha  # black ink, fully transparent elsewhere (a typical canvas export)
+    pixels = to_mnist(Image.fromarray(rgba, "RGBA"))
+    assert_mnist_like(pixels)
+    np.testing.assert_allclose(pixels, to_mnist(bar_digit(ink=0, paper=255)), atol=0.02)
+
+
+def test_jpeg_noise_and_palette_images():
+    for data in (
+        encode(bar_digit().convert("RGB"), "JPEG", quality=40),
+        encode(bar_digit().convert("P"), "GIF"),
+        encode(bar_digit(), "BMP"),
+        encode(bar_digit().convert("RGB"), "WEBP"),
+        encode(bar_digit(), "TIFF"),
+    ):
+        assert_mnist_like(to_mnist(data))
+
+
+def test_tiny_and_large_pictures():
+    assert_mnist_like(to_mnist(bar_digit(size=(12, 10), box=(2, 4, 10, 6))))
+    assert_mnist_like(to_mnist(bar_digit(size=(3000, 2500), box=(500, 1000, 2500, 1150))))
+
+
+def test_exif_orientation_is_applied():
+    # Stored as a horizontal bar with EXIF orientation 6 ("rotate 90 degrees to display"):
+    # the person saw a vertical "1".
+    stored = bar_digit(size=(200, 300), box=(90, 60, 110, 240)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = to_mnist(encode(stored, "JPEG", exif=exif, quality=95))
+    height, width = ink_box(pixels)
+    assert height == 20 and width <= 6
+
+
+def test_mnist_style_28x28_passes_through_untouched(mnist_dir):
+    from pictures import load_test_digits
+
+    digits, _ = load_test_digits(mnist_dir, 5)
+    for digit in digits:
+        pixels = to_mnist(encode(Image.fromarray(digit), "PNG"))
+        np.testing.assert_array_equal(pixels, digit.reshape(784) / np.float32(255))
+
+
+def test_photo_style_pictures_keep_the_digit(mnist_dir):
+    from pictures import load_test_digits
+
+    digits, _ = load_test_digits(mnist_dir, 3)
+    rng = np.random.default_rng(0)
+    for digit in digits:
+        for kind in ("png", "jpeg", "rgba"):
+            picture = photo_style(digit, rng, kind)
+            fmt = {"png": "PNG", "jpeg": "JPEG", "rgba": "PNG"}[kind]
+            pixels = to_mnist(encode(picture, fmt))
+            assert_mnist_like(pixels)
+            # Same digit, same place: close to the original MNIST frame.
+            assert np.corrcoef(pixels, digit.reshape(784))[0, 1] > 0.6
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Image.new("L", (200, 200), 240), "no digit found"),
+        (lambda: Image.new("RGBA", (50, 50), (0, 0, 0, 0)), "no digit found"),
+        (lambda: b"this is not an image", "not an image Pillow can read"),
+        (lambda: encode(bar_digit(), "PNG")[:300], "cannot decode image"),
+    ],
+)
+def test_unusable_pictures_name_the_source(make, message):
+    with pytest.raises(ImageError, match=message) as info:
+        to_mnist(make(), name="photo.png")
+    assert str(info.value).startswith("photo.png: ")
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageError, match=r"nope\.png: no such file"):
+        to_mnist(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="is a directory"):
+        to_mnist(tmp_path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    # A valid 20000x20000 grey PNG of a few hundred kB: 400M pixels when decoded.
+    width = height = 20000
+    raw = zlib.compress(b"".join(b"\x00" + b"\xff" * width for _ in range(height)), 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(ImageError, match=r"bomb\.png: .*(decompression.bomb)"):
+        to_mnist(bomb)
