@@ -83,6 +83,13 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     help="onnxruntime threads per model run; 0 = its default.",
 )
 @click.option(
+    "--spin-wait/--no-spin-wait",
+    default=_DEFAULTS.spin_wait,
+    show_envvar=True,
+    help="Let onnxruntime threads spin between runs: faster large batches, less CPU left "
+    "for gRPC.",
+)
+@click.option(
     "--workers",
     type=int,
     default=_DEFAULTS.workers,

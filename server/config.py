@@ -24,6 +24,7 @@ class ServerConfig:
     max_queue_size: int = 4096
     max_images_per_request: int = 1024
     intra_op_threads: int = 0
+    spin_wait: bool = False
     workers: int = 1
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "0.0.0.0"
@@ -37,7 +38,7 @@ class ServerConfig:
 
     @property
     def inference(self) -> InferenceOptions:
-        return InferenceOptions(self.provider, self.intra_op_threads)
+        return InferenceOptions(self.provider, self.intra_op_threads, self.spin_wait)
 
     @property
     def max_message_bytes(self) -> int:
