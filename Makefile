@@ -1,5 +1,5 @@
 # The conventional entry points; README.md shows the two a fresh machine needs:
-#   make run    set up, train a model if there is none, (then serve it)
+#   make run    set up, train a model if there is none, then serve it on :50051
 #   make test   set up, lint, run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +11,7 @@ MNIST_DATA_DIR ?= $(if $(wildcard ../shared/mnist/*),../shared/mnist,)
 export MNIST_DATA_DIR
 PYTEST_ARGS ?=
 
-.PHONY: run test setup train train-best lint protos clean
+.PHONY: run serve test setup train train-best lint protos quick-bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ $(MODEL): | $(BIN)/.installed
 	$(BIN)/digit-train --output $(MODEL)
 
 run: $(MODEL)
-	$(BIN)/digit-train inspect $(MODEL)
+	$(BIN)/digit-server --model $(MODEL) $(SERVE_ARGS)
+
+serve: setup
+	$(BIN)/digit-server --model $(MODEL) $(SERVE_ARGS)
+
+quick-bench: $(MODEL)
+	scripts/quick_bench.sh $(MODEL) 5
 
 train: setup
 	$(BIN)/digit-train --output $(MODEL) $(TRAIN_ARGS)

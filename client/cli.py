@@ -121,7 +121,7 @@ def main() -> None:
 
 
 def _expand(paths: tuple[str, ...]) -> list[str]:
-    expanded = []
+    expanded: list[str] = []
     for raw in paths:
         path = Path(raw)
         if raw != "-" and path.is_dir():
@@ -250,7 +250,7 @@ def health(connect: Callable[[], DigitClient], service: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @connection_options
 def bench(
-    connect: Callable[[], DigitClient],
+    connect: functools.partial[DigitClient],
     concurrency: int,
     duration: float,
     count: int | None,

@@ -22,17 +22,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pictures import KINDS, load_test_digits, photo_style, save  # noqa: E402
+from digit_recognizer.client.client import DigitClient
 
-from digit_recognizer.client.client import DigitClient  # noqa: E402
+from pictures import KINDS, load_test_digits, photo_style, save
 
 
 def classify(paths: list[Path], target: str) -> dict[str, int]:
     cli = Path(sys.executable).parent / "digit-client"
     output = subprocess.run(
-        [str(cli), "classify", "--json", "--target", target, "--timeout", "60",
-         *map(str, paths)],
-        capture_output=True, text=True, check=False,
+        [str(cli), "classify", "--json", "--target", target, "--timeout", "60", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     answers = {}
     for line in output.stdout.splitlines():
@@ -45,7 +46,9 @@ def classify(paths: list[Path], target: str) -> dict[str, int]:
 
 def accuracy(paths: list[Path], labels: list[int], target: str) -> float:
     answers = classify(paths, target)
-    return float(np.mean([answers.get(str(p), -1) == y for p, y in zip(paths, labels, strict=True)]))
+    return float(
+        np.mean([answers.get(str(p), -1) == y for p, y in zip(paths, labels, strict=True)])
+    )
 
 
 def font_digits(directory: Path) -> tuple[list[Path], list[int]]:
@@ -77,17 +80,25 @@ def main() -> None:
     rng = np.random.default_rng(7)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        mnist_paths = [save(Image.fromarray(d), root / f"mnist-{i}", "png")
-                       for i, d in enumerate(digits)]
-        print(f"(a) MNIST PNG files:              {accuracy(mnist_paths, list(labels), args.target):.4f}")
+        mnist_paths = [
+            save(Image.fromarray(d), root / f"mnist-{i}", "png") for i, d in enumerate(digits)
+        ]
+        mnist_accuracy = accuracy(mnist_paths, list(labels), args.target)
+        print(f"(a) MNIST PNG files:              {mnist_accuracy:.4f}")
         for kind in KINDS:
-            paths = [save(photo_style(d, rng, kind), root / f"{kind}-{i}", kind)
-                     for i, d in enumerate(digits)]
-            print(f"(b) photo-style {kind:5}:            "
-                  f"{accuracy(paths, list(labels), args.target):.4f}")
+            paths = [
+                save(photo_style(d, rng, kind), root / f"{kind}-{i}", kind)
+                for i, d in enumerate(digits)
+            ]
+            print(
+                f"(b) photo-style {kind:5}:            "
+                f"{accuracy(paths, list(labels), args.target):.4f}"
+            )
         paths, font_labels = font_digits(root)
-        print(f"(c) font digits ({len(paths)} pictures): "
-              f"{accuracy(paths, font_labels, args.target):.4f}")
+        print(
+            f"(c) font digits ({len(paths)} pictures): "
+            f"{accuracy(paths, font_labels, args.target):.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -86,8 +86,7 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     "--spin-wait/--no-spin-wait",
     default=_DEFAULTS.spin_wait,
     show_envvar=True,
-    help="Let onnxruntime threads spin between runs: faster large batches, less CPU left "
-    "for gRPC.",
+    help="Let onnxruntime threads spin between runs: faster large batches, less CPU left for gRPC.",
 )
 @click.option(
     "--workers",
