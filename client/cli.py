@@ -151,7 +151,15 @@ def classify(
     """Classify pictures: files, directories of pictures, or - for standard input.
 
     Any picture Pillow reads works: photos of ink on paper, scans, drawings on a transparent
-    canvas. Each is turned into an MNIST-style 28x28 digit first (see --show).
+    canvas. Each is turned into an MNIST-style 28x28 digit first (see --show). Exit status 1
+    when any picture could not be classified; the others are still printed.
+
+    \b
+    Examples:
+      digit-client classify examples/*
+      digit-client classify photo.jpg --show --top-k 3
+      digit-client classify --json scans/ > answers.jsonl
+      cat digit.png | digit-client classify -
     """
     failures = 0
     prepared: list[tuple[str, np.ndarray]] = []
@@ -186,7 +194,13 @@ def _format(name: str, prediction: Prediction, as_json: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the model info as JSON.")
 @connection_options
 def info(connect: Callable[[], DigitClient], as_json: bool) -> None:
-    """The served model's card, the execution provider and the batching limits."""
+    """The served model's card, the execution provider and the batching limits.
+
+    \b
+    Examples:
+      digit-client info
+      digit-client info --json | jq .test_accuracy
+    """
     from google.protobuf.json_format import MessageToDict
     from rich.console import Console
     from rich.table import Table
@@ -209,7 +223,13 @@ def info(connect: Callable[[], DigitClient], as_json: bool) -> None:
 @click.option("--service", default="", help='Service to check ("" = the whole server).')
 @connection_options
 def health(connect: Callable[[], DigitClient], service: str) -> None:
-    """Print the health status; exit 0 only when SERVING (a container healthcheck)."""
+    """Print the health status; exit 0 only when SERVING (a container healthcheck).
+
+    \b
+    Examples:
+      digit-client health && echo ready
+      digit-client health --service digits.v1.DigitClassifier --target server:50051
+    """
     with connect() as client:
         status = client.health(service)
     click.echo(status)
@@ -258,7 +278,13 @@ def bench(
     encoding: str,
     as_json: bool,
 ) -> None:
-    """Measure throughput and latency under a closed-loop load of real requests."""
+    """Measure throughput and latency under a closed-loop load of real requests.
+
+    \b
+    Examples:
+      digit-client bench --concurrency 64 --duration 10
+      digit-client bench --batch-size 256 --concurrency 4 --count 1000 --json
+    """
     client_args = connect.keywords
     result = asyncio.run(
         _bench(

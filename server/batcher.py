@@ -227,10 +227,13 @@ class Batcher:
             outputs = await loop.run_in_executor(self._executor, self._predict, batch)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
-        except Exception as exc:
+        except Exception:
             log.exception("model run on a batch of %d images failed", len(batch))
             self._on_batch(BatchEvent(len(batch), _us(loop.time() - started), failed=True))
-            error = BatchFailed(f"model run failed on a batch of {len(batch)} images ({exc})")
+            # The cause goes to the log above, not to callers: it may hold paths or internals.
+            error = BatchFailed(
+                f"model run failed on a batch of {len(batch)} images; the server logged why"
+            )
             for pending, _, _ in segments:
                 self._fail(pending, error)
             return

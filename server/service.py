@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchResult
-from digit_recognizer.server.errors import NotServing, Status, to_status
+from digit_recognizer.server.errors import NotServing, ServingError, Status, to_status
 from digit_recognizer.server.inference import Model
 from digit_recognizer.server.validation import parse_request
 
@@ -231,7 +231,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
     @staticmethod
     def _status_of(exc: BaseException, method: str) -> Status:
         status = to_status(exc)
-        if status.code == grpc.StatusCode.INTERNAL:
+        if not isinstance(exc, ServingError):  # a bug: the details go to the log only
             log.error("%s failed", method, exc_info=exc)
         elif status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             metrics.REJECTED.inc()

@@ -129,11 +129,12 @@ async def test_a_failed_run_fails_every_caller_in_it_and_the_next_batch_works(mo
     await batcher.close()
 
 
-async def test_wrong_output_length_is_a_failed_batch(model):
+async def test_wrong_output_length_is_a_failed_batch(model, caplog):
     batcher = await make(model)
     model.drop_a_row = True
-    with pytest.raises(BatchFailed, match="model returned 1 rows for 2 images"):
+    with pytest.raises(BatchFailed, match="model run failed on a batch of 2 images"):
         await batcher.submit(ids(1, 2))
+    assert "model returned 1 rows for 2 images" in caplog.text
     await batcher.close()
 
 

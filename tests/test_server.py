@@ -194,6 +194,31 @@ async def test_full_queue_gives_resource_exhausted_at_once(start_server, tiny_mo
         assert (await running).predictions[0].digit == 1
 
 
+@dataclasses.dataclass(frozen=True)
+class FailingOnceModel(Model):
+    failures: list = dataclasses.field(default_factory=lambda: [RuntimeError("CUDA OOM\n  at x")])
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        if self.failures:
+            raise self.failures.pop()
+        return super().predict(pixels)
+
+
+async def test_a_failed_model_run_is_internal_without_details_and_the_server_goes_on(
+    start_server, tiny_model_path
+):
+    loaded = load_model(tiny_model_path, InferenceOptions(provider="cpu"))
+    model = FailingOnceModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(Model)})
+    server = await start_server(tiny_model_path, model=model)
+    async with channel(server) as chan:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(1).ravel()))
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "Traceback" not in info.value.details() and "\n" not in info.value.details()
+        reply = await stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(2).ravel()))
+        assert reply.predictions[0].digit == 2
+
+
 async def test_expired_and_cancelled_requests_are_never_computed(start_server, tiny_model_path):
     model = gated(tiny_model_path)
     server = await start_server(tiny_model_path, model=model)
