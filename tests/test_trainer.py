@@ -76,6 +76,16 @@ def test_small_training_exports_a_verified_self_describing_model(trained_model, 
     assert "weights_sha256" in run("inspect", str(output)).output
 
 
+def test_if_missing_keeps_a_valid_model_and_replaces_a_broken_one(trained_model, tmp_path):
+    kept = run("--if-missing", "-o", str(trained_model), "--data-dir", "/nowhere")
+    assert kept.exit_code == 0 and "exists (version 7); not retraining" in kept.output
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"garbage")
+    replaced = run("--if-missing", "-o", str(broken), "--data-dir", str(tmp_path / "nodata"))
+    assert "replacing " in replaced.output and "not a loadable ONNX model" in replaced.output
+    assert replaced.exit_code == 1 and "no such file or directory" in replaced.output
+
+
 def test_inspect_refuses_a_file_that_is_not_a_model(tmp_path):
     bogus = tmp_path / "bogus.onnx"
     bogus.write_bytes(b"\x00garbage")

@@ -126,6 +126,11 @@ def _names(
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write training curves, confusion matrix and worst errors as PNGs here.",
 )
+@click.option(
+    "--if-missing",
+    is_flag=True,
+    help="Do nothing when --output already holds a valid model (an invalid one is replaced).",
+)
 def train(
     data_dir: Path | None,
     output: Path,
@@ -134,10 +139,19 @@ def train(
     model_version: str | None,
     train_limit: int | None,
     report: Path | None,
+    if_missing: bool,
     **knobs: Any,
 ) -> None:
     """Train the MLP (the notebook by default) and export a verified ONNX model."""
     started = time.perf_counter()
+    if if_missing and output.exists():
+        try:
+            _, existing = _open_model(output)
+        except click.ClickException as exc:
+            click.echo(f"replacing {exc.message}")
+        else:
+            click.echo(f"model: {output} exists (version {existing.version}); not retraining")
+            return
     config = replace(PRESETS[preset], **{k: v for k, v in knobs.items() if v is not None})
     problems = config.validate()
     if problems:
@@ -209,15 +223,7 @@ def train(
 @click.option("--json", "as_json", is_flag=True, help="Print the card as one JSON object.")
 def inspect(model: Path, as_json: bool) -> None:
     """Print a model file's card and input/output signature."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
-    except CardError as exc:
-        raise click.ClickException(f"{model}: {exc}") from None
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise click.ClickException(f"{model}: not a loadable ONNX model ({exc})") from None
+    session, card = _open_model(model)
     signature = {
         "inputs": [
             {"name": i.name, "shape": i.shape, "type": i.type} for i in session.get_inputs()
@@ -243,6 +249,19 @@ def inspect(model: Path, as_json: bool) -> None:
     for kind in ("inputs", "outputs"):
         for tensor in signature[kind]:
             click.echo(f"  {kind[:-1]:18} {tensor['name']} {tensor['type']} {tensor['shape']}")
+
+
+def _open_model(path: Path) -> tuple[Any, ModelCard]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session, ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    except CardError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.ClickException(f"{path}: not a loadable ONNX model ({first_line})") from None
 
 
 def _file_sha256(path: Path) -> str:

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   --target server   onnxruntime + gRPC, no TensorFlow (the image that runs in production)
+#   --target trainer  TensorFlow + tf2onnx, writes the model into a volume and exits
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv \
+ && (getent passwd app >/dev/null || useradd --create-home --uid 10001 --user-group app)
+WORKDIR /src
+# Extra pip arguments for offline builds (the smoke test passes --no-index --find-links).
+ARG PIP_ARGS=""
+COPY pyproject.toml README.md ./
+COPY protos protos
+COPY trainer trainer
+COPY server server
+COPY client client
+
+FROM base AS server
+# "server" or "gpu" (onnxruntime-gpu; run with --provider cuda on an NVIDIA host)
+ARG SERVER_EXTRA=server
+RUN pip install ${PIP_ARGS} ".[${SERVER_EXTRA}]" && rm -rf /src
+WORKDIR /home/app
+USER app
+EXPOSE 50051 8002
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["digit-server"]
+CMD ["--model", "/models/model.onnx"]
+
+FROM base AS trainer
+RUN pip install ${PIP_ARGS} ".[train]" && rm -rf /src \
+ && mkdir -p /models && chown app:app /models
+WORKDIR /home/app
+USER app
+ENTRYPOINT ["digit-train"]
+CMD ["--output", "/models/model.onnx", "--if-missing"]
