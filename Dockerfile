@@ -17,6 +17,8 @@ WORKDIR /src
 # Extra pip arguments for offline builds (the smoke test passes --no-index --find-links).
 ARG PIP_ARGS=""
 COPY pyproject.toml README.md ./
+# Offline builds only: wheels in .wheels/ (absent normally; the glob then copies just README.md).
+COPY README.md .wheel[s] /tmp/wheels/
 COPY protos protos
 COPY trainer trainer
 COPY server server
@@ -25,7 +27,7 @@ COPY client client
 FROM base AS server
 # "server" or "gpu" (onnxruntime-gpu; run with --provider cuda on an NVIDIA host)
 ARG SERVER_EXTRA=server
-RUN pip install ${PIP_ARGS} ".[${SERVER_EXTRA}]" && rm -rf /src
+RUN pip install ${PIP_ARGS} ".[${SERVER_EXTRA}]" && rm -rf /src /tmp/wheels
 WORKDIR /home/app
 USER app
 EXPOSE 50051 8002
@@ -34,7 +36,7 @@ ENTRYPOINT ["digit-server"]
 CMD ["--model", "/models/model.onnx"]
 
 FROM base AS trainer
-RUN pip install ${PIP_ARGS} ".[train]" && rm -rf /src \
+RUN pip install ${PIP_ARGS} ".[train]" && rm -rf /src /tmp/wheels \
  && mkdir -p /models && chown app:app /models
 WORKDIR /home/app
 USER app

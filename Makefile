@@ -11,7 +11,7 @@ MNIST_DATA_DIR ?= $(if $(wildcard ../shared/mnist/*),../shared/mnist,)
 export MNIST_DATA_DIR
 PYTEST_ARGS ?=
 
-.PHONY: run serve test setup train train-best lint protos quick-bench clean
+.PHONY: run serve test setup train train-best lint protos quick-bench docker-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ run: $(MODEL)
 
 serve: setup
 	$(BIN)/digit-server --model $(MODEL) $(SERVE_ARGS)
+
+docker-test: setup
+	scripts/docker_smoke.sh
 
 quick-bench: $(MODEL)
 	scripts/quick_bench.sh $(MODEL) 5
