@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Two images from one file:
 #   --target server   onnxruntime + gRPC, no TensorFlow (the image that runs in production)
 #   --target trainer  TensorFlow + tf2onnx, writes the model into a volume and exits

@@ -36,13 +36,14 @@ class BatcherLimits:
     max_queue_size: int = 4096
 
     def validate(self) -> list[str]:
+        """Problems as "<field> must ...", one per line; empty when the limits are usable."""
         problems = []
         if self.max_batch_size < 1:
-            problems.append(f"max batch size must be at least 1, got {self.max_batch_size}")
+            problems.append(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_delay_us < 0:
-            problems.append(f"max delay must be >= 0 microseconds, got {self.max_delay_us}")
+            problems.append(f"max_delay_us must be >= 0, got {self.max_delay_us}")
         if self.max_queue_size < 1:
-            problems.append(f"max queue size must be at least 1, got {self.max_queue_size}")
+            problems.append(f"max_queue_size must be at least 1, got {self.max_queue_size}")
         return problems
 
 

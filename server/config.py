@@ -49,13 +49,11 @@ class ServerConfig:
         return f"{self.host}:{self.port}"
 
     def validate(self) -> list[str]:
+        # The batcher names its fields; here they are spelled as the flags the user typed.
         problems = []
-        if self.max_batch_size < 1:
-            problems.append(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
-        if self.max_delay_us < 0:
-            problems.append(f"--max-delay-us must be >= 0, got {self.max_delay_us}")
-        if self.max_queue_size < 1:
-            problems.append(f"--max-queue-size must be at least 1, got {self.max_queue_size}")
+        for problem in self.batcher_limits.validate():
+            field, rest = problem.split(" ", 1)
+            problems.append(f"--{field.replace('_', '-')} {rest}")
         if not self.model.is_file():
             problems.append(f"--model {self.model}: no such file")
         if not 0 <= self.port <= 65535:

@@ -236,5 +236,5 @@ async def test_telemetry_reports_queue_and_compute_time(model):
 
 
 def test_limits_are_validated():
-    with pytest.raises(ValueError, match="max batch size must be at least 1"):
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
         Batcher(lambda x: x, BatcherLimits(max_batch_size=0))
