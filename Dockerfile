@@ -29,10 +29,11 @@ ARG SERVER_EXTRA=server
 RUN pip install ${PIP_ARGS} ".[${SERVER_EXTRA}]" && rm -rf /src /tmp/wheels
 WORKDIR /home/app
 USER app
+# Settings come from DIGITS_* variables (compose and Kubernetes override them) or flags.
+ENV DIGITS_MODEL=/models/model.onnx DIGITS_HOST=0.0.0.0
 EXPOSE 50051 8002
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["digit-server"]
-CMD ["--model", "/models/model.onnx"]
 
 FROM base AS trainer
 RUN pip install ${PIP_ARGS} ".[train]" && rm -rf /src /tmp/wheels \

@@ -10,6 +10,8 @@ MODEL ?= models/model.onnx
 MNIST_DATA_DIR ?= $(if $(wildcard ../shared/mnist/*),../shared/mnist,)
 export MNIST_DATA_DIR
 PYTEST_ARGS ?=
+# Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
+SERVE_ARGS ?= --plaintext
 
 .PHONY: run serve test setup train train-best lint protos quick-bench docker-test clean
 

@@ -37,8 +37,8 @@ fi
 export DOCKER_CONFIG=$WORK/config DOCKER_HOST=unix://$WORK/docker.sock
 mkdir -p "$DOCKER_CONFIG/cli-plugins"
 COMPOSE_BIN=$("$BIN/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
-cp "$COMPOSE_BIN" "$DOCKER_CONFIG/cli-plugins/docker-compose"
-chmod +x "$DOCKER_CONFIG/cli-plugins/docker-compose"
+install -m 755 "$COMPOSE_BIN" "$DOCKER_CONFIG/cli-plugins/.docker-compose.new"
+mv -f "$DOCKER_CONFIG/cli-plugins/.docker-compose.new" "$DOCKER_CONFIG/cli-plugins/docker-compose"
 
 # --- daemon --------------------------------------------------------------------------------
 dockerd --storage-driver=vfs --iptables=false --ip6tables=false --ip-forward=false \
@@ -146,6 +146,7 @@ phase "second up reused the model"
 compose stop server
 container=$(compose ps -a -q server)
 code=$(docker inspect -f '{{.State.ExitCode}}' "$container")
+compose logs --no-log-prefix server | grep -E '"message": "(draining|stopped)"' | tee -a "$SUMMARY"
 compose logs server | grep -q '"message": "stopped"'
 phase "compose stop: server exit code $code after draining"
 [ "$code" = 0 ]

@@ -9,7 +9,7 @@ PORT=${PORT:-50151}
 
 run_config() {
   local name=$1; shift
-  "$BIN/digit-server" --model "$MODEL" --host 127.0.0.1 --port "$PORT" --no-metrics \
+  "$BIN/digit-server" --model "$MODEL" --host 127.0.0.1 --port "$PORT" --no-metrics --plaintext \
       --log-level WARNING "$@" &
   local pid=$!
   for _ in $(seq 100); do

@@ -74,11 +74,13 @@ async def start_server(
         on_batch=record_batch,
         on_skip=lambda reason: metrics.SKIPPED.labels(reason).inc(),
     )
+    security = config.security
     server = grpc.aio.server(
+        interceptors=security.interceptors(),
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
+        ],
     )
     service = DigitClassifierService(
         model, batcher, ServiceLimits(config.max_images_per_request, config.max_message_bytes)
@@ -89,8 +91,13 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    credentials = security.server_credentials()
     try:
-        port = server.add_insecure_port(config.address)
+        port = (
+            server.add_secure_port(config.address, credentials)
+            if credentials
+            else server.add_insecure_port(config.address)
+        )
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {config.address} ({exc})") from None
     batcher.start()
@@ -125,6 +132,8 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
                 "max_queue_size": config.max_queue_size,
                 "max_images_per_request": config.max_images_per_request,
                 "address": f"{host}:{running.port}",
+                "tls": "mutual" if config.tls_client_ca else "on" if config.tls_cert else "off",
+                "auth": "bearer token" if config.auth_token_file else "none",
                 "pid": os.getpid(),
             }
         },

@@ -112,6 +112,33 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     help="Seconds to finish accepted requests after SIGTERM.",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    show_envvar=True,
+    help="PEM certificate chain of this server (with --tls-key).",
+)
+@click.option(
+    "--tls-key", type=click.Path(path_type=Path), show_envvar=True, help="PEM private key."
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(path_type=Path),
+    show_envvar=True,
+    help="PEM CA bundle: require client certificates it signed (mutual TLS).",
+)
+@click.option(
+    "--auth-token-file",
+    type=click.Path(path_type=Path),
+    show_envvar=True,
+    help="File with a bearer token every call (but health checks) must present.",
+)
+@click.option(
+    "--plaintext",
+    is_flag=True,
+    show_envvar=True,
+    help="Serve without TLS. Required when no --tls-cert is given, so it is never an accident.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default=_DEFAULTS.log_level,
@@ -125,9 +152,9 @@ def main(no_metrics: bool, **options: object) -> None:
 
     \b
     Examples:
-      digit-server --model models/model.onnx
-      digit-server --model models/model.onnx --workers 2 --max-delay-us 500
-      DIGITS_PORT=6000 DIGITS_LOG_FORMAT=json digit-server
+      digit-server --model models/model.onnx --plaintext
+      digit-server --model m.onnx --tls-cert cert.pem --tls-key key.pem --auth-token-file t
+      DIGITS_PLAINTEXT=1 DIGITS_PORT=6000 DIGITS_LOG_FORMAT=json digit-server
     """
     from digit_recognizer.server.app import StartupError, configure_logging, run
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from digit_recognizer.server.batcher import BatcherLimits
 from digit_recognizer.server.inference import InferenceOptions
+from digit_recognizer.server.security import SecurityConfig
 from digit_recognizer.server.validation import max_message_bytes
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -31,6 +32,17 @@ class ServerConfig:
     grace_s: float = 20.0
     log_level: str = "INFO"
     log_format: str = "text"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    plaintext: bool = False  # serving without TLS must be asked for
+
+    @property
+    def security(self) -> SecurityConfig:
+        return SecurityConfig(
+            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token_file, self.plaintext
+        )
 
     @property
     def batcher_limits(self) -> BatcherLimits:
@@ -79,6 +91,7 @@ class ServerConfig:
             problems.append(f"--grace-period must be >= 0 seconds, got {self.grace_s}")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        problems += self.security.validate()
         if self.log_format not in LOG_FORMATS:
             problems.append(f"--log-format must be text or json, got {self.log_format!r}")
         return problems

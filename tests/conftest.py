@@ -71,7 +71,8 @@ async def start_server():
 
     async def factory(model_path: Path, model=None, **overrides):
         config = ServerConfig(
-            model=model_path, host="127.0.0.1", port=0, metrics_port=None, **overrides
+            model=model_path, host="127.0.0.1", port=0, metrics_port=None, plaintext=True,
+            **overrides
         )
         model = model or load_model(model_path, InferenceOptions(provider="cpu"))
         server = await start(config, model)

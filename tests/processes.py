@@ -14,7 +14,8 @@ DIGIT_SERVER = str(Path(sys.executable).parent / "digit-server")
 class ServerProcess:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [DIGIT_SERVER, "--host", "127.0.0.1", "--port", "0", "--no-metrics", *args],
+            [DIGIT_SERVER, "--host", "127.0.0.1", "--port", "0", "--no-metrics", *args]
+            + ([] if "--tls-cert" in args else ["--plaintext"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
