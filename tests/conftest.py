@@ -70,10 +70,8 @@ async def start_server():
     running = []
 
     async def factory(model_path: Path, model=None, **overrides):
-        config = ServerConfig(
-            model=model_path, host="127.0.0.1", port=0, metrics_port=None, plaintext=True,
-            **overrides
-        )
+        settings = {"host": "127.0.0.1", "port": 0, "metrics_port": None, "plaintext": True}
+        config = ServerConfig(model=model_path, **(settings | overrides))
         model = model or load_model(model_path, InferenceOptions(provider="cpu"))
         server = await start(config, model)
         running.append(server)

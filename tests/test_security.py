@@ -1,0 +1,215 @@
+"""TLS, mutual TLS and bearer tokens, with throwaway certificates made for each test run."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from digit_recognizer.client.cli import main as client_cli
+from digit_recognizer.client.client import AsyncDigitClient, Credentials
+from digit_recognizer.client.errors import Unauthenticated, Unavailable
+
+from onnx_models import one_hot_image
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    token: Path
+
+
+def _key_and_name(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Name]:
+    return ec.generate_private_key(ec.SECP256R1()), x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+
+
+def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, ca_name = _key_and_name("digits test CA")
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(root / "ca", ca_key, ca)
+
+    def leaf(name: str, usage: x509.ObjectIdentifier) -> None:
+        key, subject = _key_and_name(name)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if name == "server":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        _write(root / name, key, builder.sign(ca_key, hashes.SHA256()))
+
+    leaf("server", x509.ExtendedKeyUsageOID.SERVER_AUTH)
+    leaf("client", x509.ExtendedKeyUsageOID.CLIENT_AUTH)
+    (root / "token").write_text("s3cret-token\n")
+    return Pki(
+        ca=root / "ca.pem",
+        server_cert=root / "server.pem",
+        server_key=root / "server.key",
+        client_cert=root / "client.pem",
+        client_key=root / "client.key",
+        token=root / "token",
+    )
+
+
+async def test_tls_needs_the_ca_and_refuses_plaintext(start_server, tiny_model_path, pki):
+    server = await start_server(
+        tiny_model_path, plaintext=False, tls_cert=pki.server_cert, tls_key=pki.server_key
+    )
+    target = f"localhost:{server.port}"
+    secure = Credentials(root_certificates=pki.ca.read_bytes())
+    async with AsyncDigitClient(target, credentials=secure) as client:
+        assert (await client.classify(one_hot_image(4))).digit == 4
+    async with AsyncDigitClient(target, timeout=3) as plain:
+        with pytest.raises(Unavailable):
+            await plain.classify(one_hot_image(4))
+
+
+async def test_mutual_tls_requires_a_client_certificate(start_server, tiny_model_path, pki):
+    server = await start_server(
+        tiny_model_path,
+        plaintext=False,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+    )
+    target = f"localhost:{server.port}"
+    anonymous = Credentials(root_certificates=pki.ca.read_bytes())
+    async with AsyncDigitClient(target, credentials=anonymous, timeout=3) as client:
+        with pytest.raises(Unavailable):
+            await client.classify(one_hot_image(1))
+    with_cert = Credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.client_key.read_bytes(),
+        certificate_chain=pki.client_cert.read_bytes(),
+    )
+    async with AsyncDigitClient(target, credentials=with_cert) as client:
+        assert (await client.classify(one_hot_image(1))).digit == 1
+
+
+async def test_bearer_token_is_checked_before_any_work(start_server, tiny_model_path, pki):
+    server = await start_server(tiny_model_path, auth_token_file=pki.token)
+    target = f"127.0.0.1:{server.port}"
+    async with AsyncDigitClient(target) as anonymous:
+        assert await anonymous.health() == "SERVING"  # probes need no token
+        for call in (anonymous.classify(one_hot_image(2)), anonymous.model_info()):
+            with pytest.raises(Unauthenticated, match="authorization: Bearer"):
+                await call
+        with pytest.raises(Unauthenticated):
+            _ = [item async for item in anonymous.stream([one_hot_image(2)])]
+    async with AsyncDigitClient(target, credentials=Credentials(token="wrong")) as wrong:
+        with pytest.raises(Unauthenticated):
+            await wrong.classify(one_hot_image(2))
+    assert server.batcher.queued_images == 0
+    async with AsyncDigitClient(target, credentials=Credentials(token="s3cret-token")) as ok:
+        assert (await ok.classify(one_hot_image(2))).digit == 2
+        assert (await ok.model_info()).name == "tiny"
+
+
+async def test_token_over_tls_uses_call_credentials(start_server, tiny_model_path, pki):
+    server = await start_server(
+        tiny_model_path,
+        plaintext=False,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        auth_token_file=pki.token,
+    )
+    credentials = Credentials(root_certificates=pki.ca.read_bytes(), token="s3cret-token")
+    async with AsyncDigitClient(f"localhost:{server.port}", credentials=credentials) as client:
+        assert (await client.classify(one_hot_image(8))).digit == 8
+
+
+def test_cli_speaks_tls_and_tokens(processes, tiny_model_path, pki):
+    server = processes(
+        "--model", str(tiny_model_path), "--tls-cert", str(pki.server_cert),
+        "--tls-key", str(pki.server_key), "--auth-token-file", str(pki.token),
+    )  # fmt: skip
+    port = server.wait_serving()
+    args = ["--target", f"localhost:{port}", "--ca-cert", str(pki.ca)]
+    ok = CliRunner().invoke(client_cli, ["info", "--json", *args, "--token-file", str(pki.token)])
+    assert ok.exit_code == 0, ok.output
+    refused = CliRunner().invoke(client_cli, ["info", *args])
+    assert refused.exit_code == 1 and "Error: missing or wrong credentials" in refused.stderr
+
+
+def test_plaintext_must_be_chosen_and_tls_flags_must_be_whole(processes, tiny_model_path, pki):
+    import subprocess
+
+    from processes import DIGIT_SERVER
+
+    def start(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [DIGIT_SERVER, "--model", str(tiny_model_path), "--port", "0", *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    bare = start()
+    assert bare.returncode == 2 and "pass --plaintext (DIGITS_PLAINTEXT=1)" in bare.stderr
+    half = start("--tls-cert", str(pki.server_cert))
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+    both = start(
+        "--plaintext", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)
+    )
+    assert both.returncode == 2 and "--plaintext contradicts --tls-cert" in both.stderr
+
+
+def test_grpc_status_for_unauthenticated_is_mapped():
+    from digit_recognizer.client.errors import from_rpc_error
+
+    class Fake(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.PERMISSION_DENIED
+
+        def details(self):
+            return "nope"
+
+    assert isinstance(from_rpc_error(Fake(), "x"), Unauthenticated)
