@@ -26,6 +26,7 @@ from digit_recognizer.server.batcher import Batcher, BatchEvent
 from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.inference import Model, load_model
+from digit_recognizer.server.reload import ModelReloader
 from digit_recognizer.server.service import SERVICE_NAME, DigitClassifierService, ServiceLimits
 
 log = logging.getLogger("digit_recognizer.server")
@@ -43,10 +44,16 @@ class RunningServer:
     health: health.aio.HealthServicer
     service: DigitClassifierService
     batcher: Batcher
-    model: Model
+    reloader: ModelReloader | None
+
+    @property
+    def model(self) -> Model:
+        return self.service.model
 
     async def stop(self, grace_s: float) -> None:
         """Health NOT_SERVING, refuse new calls, finish accepted ones within the grace period."""
+        if self.reloader is not None:
+            await self.reloader.stop()
         await self.health.enter_graceful_shutdown()
         drained = await self.service.drain(grace_s)
         if not drained:
@@ -73,6 +80,7 @@ async def start_server(
         config.batcher_limits,
         on_batch=record_batch,
         on_skip=lambda reason: metrics.SKIPPED.labels(reason).inc(),
+        version=model.card.version,
     )
     security = config.security
     server = grpc.aio.server(
@@ -106,7 +114,13 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     card = model.card
     metrics.MODEL_INFO.labels(card.name, card.version, model.provider, model.file_sha256).set(1)
-    return RunningServer(server, port, health_servicer, service, batcher, model)
+    reloader = None
+    if config.reload_interval_s > 0:
+        reloader = ModelReloader(
+            config.model, config.inference, batcher, service, config.reload_interval_s
+        )
+        reloader.start()
+    return RunningServer(server, port, health_servicer, service, batcher, reloader)
 
 
 async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:

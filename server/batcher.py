@@ -9,6 +9,9 @@ left in a batch is split across consecutive batches and reassembled in order.
 The queue is bounded in images (`max_queue_size`): past it `submit` raises `Overloaded` at
 once. Callers that cancelled, or whose deadline passed while queued, are skipped and never
 computed. A failed model run fails every caller in it with `BatchFailed`; the worker goes on.
+
+`swap(predict, version)` replaces the model between two runs (hot reload): every run uses
+exactly one version, and each result lists the version(s) that computed it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class BatchResult:
     batches: int  # how many model runs they were spread over
     queue_us: int  # arrival to first model run
     compute_us: int  # time inside model runs
+    versions: tuple[str, ...] = ()  # model versions that ran it; two only across a swap
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class _Pending:
     largest_batch: int = 0
     batches: int = 0
     compute_s: float = 0.0
+    versions: list[str] = field(default_factory=list)
 
     @property
     def remaining(self) -> int:
@@ -92,11 +97,13 @@ class Batcher:
         executor: Executor | None = None,
         on_batch: Callable[[BatchEvent], None] | None = None,
         on_skip: Callable[[str], None] | None = None,
+        version: str = "",
     ) -> None:
         problems = limits.validate()
         if problems:
             raise ValueError("; ".join(problems))
         self._predict = predict
+        self._version = version
         self.limits = limits
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._owns_executor = executor is None
@@ -111,6 +118,14 @@ class Batcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def swap(self, predict: Predict, version: str) -> None:
+        """Use another model from the next run on; the run in progress finishes on the old."""
+        self._predict, self._version = predict, version
 
     def start(self) -> None:
         if self._worker is None:
@@ -218,6 +233,7 @@ class Batcher:
     async def _execute(
         self, segments: list[tuple[_Pending, int, int]], loop: asyncio.AbstractEventLoop
     ) -> None:
+        predict, version = self._predict, self._version  # one version for the whole run
         inputs = [pending.images[start:stop] for pending, start, stop in segments]
         batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         started = loop.time()
@@ -225,7 +241,7 @@ class Batcher:
             if pending.first_run is None:
                 pending.first_run = started
         try:
-            outputs = await loop.run_in_executor(self._executor, self._predict, batch)
+            outputs = await loop.run_in_executor(self._executor, predict, batch)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
         except Exception:
@@ -248,6 +264,8 @@ class Batcher:
             pending.largest_batch = max(pending.largest_batch, len(batch))
             pending.batches += 1
             pending.compute_s += elapsed
+            if version not in pending.versions:
+                pending.versions.append(version)
             if stop == len(pending.images) and not pending.future.done():
                 pending.future.set_result(self._result(pending))
 
@@ -267,6 +285,7 @@ class Batcher:
             batches=pending.batches,
             queue_us=_us((pending.first_run or pending.enqueued) - pending.enqueued),
             compute_us=_us(pending.compute_s),
+            versions=tuple(pending.versions),
         )
 
 

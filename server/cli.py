@@ -112,6 +112,14 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     help="Seconds to finish accepted requests after SIGTERM.",
 )
 @click.option(
+    "--reload-interval",
+    "reload_interval_s",
+    type=float,
+    default=_DEFAULTS.reload_interval_s,
+    show_envvar=True,
+    help="Seconds between checks of the model file for a new version (hot reload); 0 = off.",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(path_type=Path),
     show_envvar=True,

@@ -30,6 +30,7 @@ class ServerConfig:
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "0.0.0.0"
     grace_s: float = 20.0
+    reload_interval_s: float = 2.0  # how often to look for a new model file; 0 = never
     log_level: str = "INFO"
     log_format: str = "text"
     tls_cert: Path | None = None
@@ -87,6 +88,8 @@ class ServerConfig:
             problems.append(f"--intra-op-threads must be >= 0, got {self.intra_op_threads}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if self.reload_interval_s < 0:
+            problems.append(f"--reload-interval must be >= 0 seconds, got {self.reload_interval_s}")
         if self.grace_s < 0:
             problems.append(f"--grace-period must be >= 0 seconds, got {self.grace_s}")
         if self.log_level not in LOG_LEVELS:

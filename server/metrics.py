@@ -62,6 +62,7 @@ REJECTED = Counter("digits_rejected_total", "Requests refused because the queue 
 SKIPPED = Counter(
     "digits_skipped_total", "Queued requests dropped before computing, by reason", ["reason"]
 )
+RELOADS = Counter("digits_model_reloads_total", "Hot reloads, by result (ok, refused)", ["result"])
 MODEL_INFO = Gauge(
     "digits_model_info",
     "The model being served (value 1)",

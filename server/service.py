@@ -43,6 +43,14 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         self._idle.set()
 
     @property
+    def model(self) -> Model:
+        return self._model
+
+    def use_model(self, model: Model) -> None:
+        """Hot reload: the batcher already runs `model`; model info and labels follow here."""
+        self._model = model
+
+    @property
     def active_requests(self) -> int:
         return self._active
 
@@ -219,7 +227,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         return digits_pb2.ClassifyResponse(
             request_id=request.request_id,
             predictions=predictions,
-            model_version=self._model.card.version,
+            model_version=",".join(result.versions) or self._model.card.version,
             telemetry=digits_pb2.Telemetry(
                 batch_size=result.batch_size,
                 batches=result.batches,

@@ -1,0 +1,109 @@
+"""Hot reload under load: new versions switch in with zero failed requests; bad files don't."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+
+import grpc
+import numpy as np
+from prometheus_client import REGISTRY
+
+from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+from digit_recognizer.server.batcher import Batcher, BatcherLimits
+
+from onnx_models import CARD, one_hot_image, save, tiny_model
+
+
+def reloads(result: str) -> float:
+    return REGISTRY.get_sample_value("digits_model_reloads_total", {"result": result}) or 0.0
+
+
+def publish(model, path, scratch) -> None:
+    """What digit-train does: write next to the target, then rename over it."""
+    temp = scratch / "incoming.onnx"
+    temp.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
+    os.replace(temp, path)
+
+
+async def test_reload_under_load_switches_versions_and_refuses_bad_files(start_server, tmp_path):
+    path = save(tiny_model(), tmp_path / "model.onnx")
+    server = await start_server(path, reload_interval_s=0.02)
+    versions: list[str] = []
+    failures: list[Exception] = []
+    stop = asyncio.Event()
+
+    async def caller(stub, digit):
+        while not stop.is_set():
+            try:
+                reply = await stub.Classify(
+                    digits_pb2.ClassifyRequest(pixels=one_hot_image(digit)), timeout=10
+                )
+                assert reply.predictions[0].digit == digit
+                versions.append(reply.model_version)
+            except Exception as exc:
+                failures.append(exc)
+
+    async def wait_until(condition, what):
+        for _ in range(1000):  # bounded: 10 s
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = digits_pb2_grpc.DigitClassifierStub(channel)
+        callers = [asyncio.ensure_future(caller(stub, d)) for d in range(8)]
+        await wait_until(lambda: len(versions) > 50, "load")
+
+        publish(tiny_model(replace(CARD, version="2")), path, tmp_path)
+        await wait_until(lambda: versions[-1] == "2", "version 2 in replies")
+        ok_before = reloads("ok")
+
+        refused_before = reloads("refused")
+        publish(b"\x00corrupt" * 100, path, tmp_path)
+        await wait_until(lambda: reloads("refused") == refused_before + 1, "corrupt refused")
+        other_labels = replace(CARD, version="3", labels=tuple("abcdefghij"))
+        publish(tiny_model(other_labels), path, tmp_path)
+        await wait_until(lambda: reloads("refused") == refused_before + 2, "labels refused")
+        served = len(versions)
+        await wait_until(lambda: len(versions) > served + 50, "more load")
+
+        stop.set()
+        await asyncio.gather(*callers)
+        info = await stub.GetModelInfo(digits_pb2.GetModelInfoRequest())
+
+    assert not failures, failures[:3]
+    assert reloads("ok") == ok_before
+    assert set(versions) <= {"1", "2"} and versions[-1] == "2"
+    first_two = versions.index("2")
+    assert set(versions[first_two:]) == {"2"}  # never back to the old model
+    assert info.version == "2"
+
+
+async def test_a_swap_takes_effect_between_runs_and_split_requests_report_both():
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+
+    def model(tag: str, block: bool):
+        def predict(batch: np.ndarray) -> np.ndarray:
+            calls.append(tag)
+            if block:
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+            return batch
+
+        return predict
+
+    batcher = Batcher(model("v1", block=True), BatcherLimits(max_batch_size=2), version="v1")
+    batcher.start()
+    split = asyncio.ensure_future(batcher.submit(np.arange(4, dtype=np.float32).reshape(4, 1)))
+    while not calls:
+        await asyncio.sleep(0.001)
+    batcher.swap(model("v2", block=False), "v2")
+    gate.set()
+    result = await split
+    assert calls == ["v1", "v2"] and result.versions == ("v1", "v2")
+    assert (await batcher.submit(np.zeros((1, 1), np.float32))).versions == ("v2",)
+    await batcher.close()
