@@ -20,14 +20,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from digit_recognizer.protos import digits_pb2_grpc
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchEvent
 from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.inference import Model, load_model
 from digit_recognizer.server.reload import ModelReloader
-from digit_recognizer.server.service import SERVICE_NAME, DigitClassifierService, ServiceLimits
+from digit_recognizer.server.service import (
+    SERVICE_NAME,
+    DigitClassifierService,
+    ServiceLimits,
+    add_to_server,
+)
 
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -93,7 +97,7 @@ async def start_server(
     service = DigitClassifierService(
         model, batcher, ServiceLimits(config.max_images_per_request, config.max_message_bytes)
     )
-    digits_pb2_grpc.add_DigitClassifierServicer_to_server(service, server)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

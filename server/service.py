@@ -6,23 +6,76 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchResult
-from digit_recognizer.server.errors import NotServing, ServingError, Status, to_status
+from digit_recognizer.server.errors import (
+    InvalidInput,
+    NotServing,
+    ServingError,
+    Status,
+    to_status,
+)
 from digit_recognizer.server.inference import Model
 from digit_recognizer.server.validation import parse_request
 
 log = logging.getLogger(__name__)
 DRAIN_QUIET_S = 0.25
 SERVICE_NAME = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"].full_name
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """Stands in for a request whose bytes are not a valid protobuf message of its type."""
+
+    type_name: str
+    reason: str
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"the request is not a valid {self.type_name} message ({self.reason})")
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | MalformedMessage]:
+    # gRPC turns a deserializer exception into UNKNOWN/INTERNAL; a malformed message is the
+    # caller's mistake, so it reaches the handler and becomes INVALID_ARGUMENT there.
+    def parse(data: bytes) -> Message | MalformedMessage:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return MalformedMessage(message_type.DESCRIPTOR.full_name, str(exc) or "cannot parse")
+
+    return parse
+
+
+def add_to_server(service: DigitClassifierService, server: grpc.aio.Server) -> None:
+    """Like the generated add_DigitClassifierServicer_to_server, with lenient parsing."""
+    handlers = {
+        "Classify": grpc.unary_unary_rpc_method_handler(
+            service.Classify,
+            request_deserializer=_lenient(digits_pb2.ClassifyRequest),
+            response_serializer=digits_pb2.ClassifyResponse.SerializeToString,
+        ),
+        "ClassifyStream": grpc.stream_stream_rpc_method_handler(
+            service.ClassifyStream,
+            request_deserializer=_lenient(digits_pb2.ClassifyRequest),
+            response_serializer=digits_pb2.ClassifyStreamResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo,
+            request_deserializer=_lenient(digits_pb2.GetModelInfoRequest),
+            response_serializer=digits_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 @dataclass(frozen=True)
@@ -123,6 +176,10 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         self, request: digits_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> digits_pb2.ModelInfo:
         started = time.perf_counter()
+        if isinstance(request, MalformedMessage):
+            status = self._status_of(request.error(), "GetModelInfo")
+            self._observe("GetModelInfo", status.code, started)
+            await context.abort_with_status(rpc_status.to_status(status.to_rpc_status()))
         card, limits = self._model.card, self._batcher.limits
         contract = card.input_contract
         info = digits_pb2.ModelInfo(
@@ -162,6 +219,8 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
     ) -> digits_pb2.ClassifyResponse:
         loop = asyncio.get_running_loop()
         self._last_arrival = loop.time()
+        if isinstance(request, MalformedMessage):
+            raise request.error()
         if self._draining:
             raise NotServing("the server is shutting down; retry (on another replica)")
         pixels = parse_request(
@@ -191,7 +250,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
             status = self._status_of(exc, "ClassifyStream")
             self._observe("ClassifyStream", status.code, started)
             return digits_pb2.ClassifyStreamResponse(
-                request_id=request.request_id[:128],
+                request_id=getattr(request, "request_id", "")[:128],
                 error=digits_pb2.Error(code=status.code.value[0], message=status.message),
             )
         self._observe("ClassifyStream", grpc.StatusCode.OK, started)
