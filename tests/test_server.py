@@ -220,6 +220,12 @@ async def test_a_failed_model_run_is_internal_without_details_and_the_server_goe
 
 
 async def test_expired_and_cancelled_requests_are_never_computed(start_server, tiny_model_path):
+    from prometheus_client import REGISTRY
+
+    def skipped(reason: str) -> float:
+        return REGISTRY.get_sample_value("digits_skipped_total", {"reason": reason}) or 0.0
+
+    before = {reason: skipped(reason) for reason in ("deadline", "cancelled")}
     model = gated(tiny_model_path)
     server = await start_server(tiny_model_path, model=model)
     async with channel(server) as chan:
@@ -234,7 +240,7 @@ async def test_expired_and_cancelled_requests_are_never_computed(start_server, t
             await expiring
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         cancelled = stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(8).ravel()))
-        while server.batcher.queued_images < 1:
+        while server.batcher.queued_images < 2:  # the expired one is still counted
             await asyncio.sleep(0.001)
         cancelled.cancel()
         model.gate.set()
@@ -243,6 +249,8 @@ async def test_expired_and_cancelled_requests_are_never_computed(start_server, t
         assert after.predictions[0].digit == 3
     computed = np.concatenate(model.calls).argmax(axis=1).tolist()
     assert 7 not in computed and 8 not in computed and computed == [1, 3]
+    # The deadline case is counted when the batcher drops it or gRPC cancels it first.
+    assert skipped("deadline") + skipped("cancelled") >= sum(before.values()) + 2
 
 
 async def test_stream_answers_each_message_and_survives_bad_ones(start_server, tiny_model_path):
