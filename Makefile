@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
 SERVE_ARGS ?= --plaintext
 
-.PHONY: run serve test setup train train-best lint protos quick-bench docker-test clean
+.PHONY: run serve test setup train train-best lint protos quick-bench docker-test soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ run: $(MODEL)
 
 serve: setup
 	$(BIN)/digit-server --model $(MODEL) $(SERVE_ARGS)
+
+soak: setup
+	DIGITS_SOAK=1 $(BIN)/python -m pytest -s tests/test_soak.py
 
 docker-test: setup
 	scripts/docker_smoke.sh
