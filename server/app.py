@@ -20,11 +20,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from digit_recognizer.protos import inference_pb2_grpc
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchEvent
 from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.inference import Model, load_model
+from digit_recognizer.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from digit_recognizer.server.oip import InferenceService
 from digit_recognizer.server.reload import ModelReloader
 from digit_recognizer.server.service import (
     SERVICE_NAME,
@@ -98,10 +101,11 @@ async def start_server(
         model, batcher, ServiceLimits(config.max_images_per_request, config.max_message_bytes)
     )
     add_to_server(service, server)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     credentials = security.server_credentials()
     try:

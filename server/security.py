@@ -18,7 +18,12 @@ import grpc
 
 from digit_recognizer.server import metrics
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+# Probes need no credentials: gRPC health, and the Open Inference Protocol's liveness/readiness.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 UNAUTHENTICATED_MESSAGE = (
     "missing or wrong credentials: send the metadata 'authorization: Bearer <token>'"
 )

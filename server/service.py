@@ -99,6 +99,14 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
     def model(self) -> Model:
         return self._model
 
+    @property
+    def limits(self) -> ServiceLimits:
+        return self._limits
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def use_model(self, model: Model) -> None:
         """Hot reload: the batcher already runs `model`; model info and labels follow here."""
         self._model = model
@@ -135,10 +143,10 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         try:
             response = await self._classify(request, context)
         except Exception as exc:
-            status = self._status_of(exc, "Classify")
-            self._observe("Classify", status.code, started)
+            status = self.status_of(exc, "Classify")
+            self.observe("Classify", status.code, started)
             await context.abort_with_status(rpc_status.to_status(status.to_rpc_status()))
-        self._observe("Classify", grpc.StatusCode.OK, started)
+        self.observe("Classify", grpc.StatusCode.OK, started)
         return response
 
     async def ClassifyStream(
@@ -177,8 +185,8 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
     ) -> digits_pb2.ModelInfo:
         started = time.perf_counter()
         if isinstance(request, MalformedMessage):
-            status = self._status_of(request.error(), "GetModelInfo")
-            self._observe("GetModelInfo", status.code, started)
+            status = self.status_of(request.error(), "GetModelInfo")
+            self.observe("GetModelInfo", status.code, started)
             await context.abort_with_status(rpc_status.to_status(status.to_rpc_status()))
         card, limits = self._model.card, self._batcher.limits
         contract = card.input_contract
@@ -211,21 +219,30 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
             ),
             training_config_json=json.dumps(card.training_config, sort_keys=True),
         )
-        self._observe("GetModelInfo", grpc.StatusCode.OK, started)
+        self.observe("GetModelInfo", grpc.StatusCode.OK, started)
         return info
 
     async def _classify(
         self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> digits_pb2.ClassifyResponse:
-        loop = asyncio.get_running_loop()
-        self._last_arrival = loop.time()
+        self._arrived()
         if isinstance(request, MalformedMessage):
             raise request.error()
-        if self._draining:
-            raise NotServing("the server is shutting down; retry (on another replica)")
+        self._refuse_if_draining()
         pixels = parse_request(
             request, self._limits.max_images_per_request, self._model.num_classes
         )
+        result = await self.classify_pixels(pixels, context)
+        return self._response(request, result)
+
+    async def classify_pixels(
+        self, pixels: np.ndarray, context: grpc.aio.ServicerContext
+    ) -> BatchResult:
+        """Validated (N, 784) pixels through the batcher, honouring the call's deadline.
+        Every front (this servicer, the Open Inference Protocol one) classifies through here."""
+        self._arrived()
+        self._refuse_if_draining()
+        loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
         deadline = None if remaining is None else loop.time() + remaining
         self._active += 1
@@ -238,7 +255,14 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
                 self._idle.set()
         metrics.IMAGES.inc(len(pixels))
         metrics.QUEUE_WAIT.observe(result.queue_us / 1e6)
-        return self._response(request, result)
+        return result
+
+    def _arrived(self) -> None:
+        self._last_arrival = asyncio.get_running_loop().time()
+
+    def _refuse_if_draining(self) -> None:
+        if self._draining:
+            raise NotServing("the server is shutting down; retry (on another replica)")
 
     async def _stream_reply(
         self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -247,13 +271,13 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         try:
             response = await self._classify(request, context)
         except Exception as exc:
-            status = self._status_of(exc, "ClassifyStream")
-            self._observe("ClassifyStream", status.code, started)
+            status = self.status_of(exc, "ClassifyStream")
+            self.observe("ClassifyStream", status.code, started)
             return digits_pb2.ClassifyStreamResponse(
                 request_id=getattr(request, "request_id", "")[:128],
                 error=digits_pb2.Error(code=status.code.value[0], message=status.message),
             )
-        self._observe("ClassifyStream", grpc.StatusCode.OK, started)
+        self.observe("ClassifyStream", grpc.StatusCode.OK, started)
         return digits_pb2.ClassifyStreamResponse(request_id=request.request_id, response=response)
 
     def _response(
@@ -296,7 +320,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         )
 
     @staticmethod
-    def _status_of(exc: BaseException, method: str) -> Status:
+    def status_of(exc: BaseException, method: str) -> Status:
         status = to_status(exc)
         if not isinstance(exc, ServingError):  # a bug: the details go to the log only
             log.error("%s failed", method, exc_info=exc)
@@ -305,6 +329,6 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         return status
 
     @staticmethod
-    def _observe(method: str, code: grpc.StatusCode, started: float) -> None:
+    def observe(method: str, code: grpc.StatusCode, started: float) -> None:
         metrics.REQUESTS.labels(method, code.name).inc()
         metrics.LATENCY.labels(method).observe(time.perf_counter() - started)

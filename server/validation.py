@@ -23,28 +23,33 @@ def parse_request(
     request: digits_pb2.ClassifyRequest, max_images: int, num_classes: int
 ) -> np.ndarray:
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise _invalid(
+        raise invalid(
             "request_id",
             f"request_id has {len(request.request_id)} characters; at most "
             f"{MAX_REQUEST_ID_CHARS} are allowed",
         )
     if request.top_k > num_classes:
-        raise _invalid("top_k", f"top_k is {request.top_k}; this model has {num_classes} classes")
+        raise invalid("top_k", f"top_k is {request.top_k}; this model has {num_classes} classes")
     present = [name for name in ENCODINGS if len(getattr(request, name))]
     if not present:
-        raise _invalid(
+        raise invalid(
             "pixels",
             "the request holds no images: set one of pixels, pixels_f32le or pixels_u8 "
             f"to N*{PIXELS_PER_IMAGE} values (28x28 row-major)",
         )
     if len(present) > 1:
-        raise _invalid(present[1], f"set only one image encoding; got {' and '.join(present)}")
+        raise invalid(present[1], f"set only one image encoding; got {' and '.join(present)}")
     encoding = present[0]
-    raw = getattr(request, encoding)
-    values = _decode(encoding, raw)
+    values = _decode(encoding, getattr(request, encoding))
+    return to_images(encoding, values, max_images, check_range=encoding != "pixels_u8")
+
+
+def to_images(field: str, values: np.ndarray, max_images: int, check_range: bool) -> np.ndarray:
+    """Flat values -> (N, 784) float32, or InvalidInput naming `field` and what is wrong."""
+    encoding = field
     if values.size % PIXELS_PER_IMAGE:
         images, extra = divmod(values.size, PIXELS_PER_IMAGE)
-        raise _invalid(
+        raise invalid(
             encoding,
             f"{encoding} holds {values.size} values, not a multiple of {PIXELS_PER_IMAGE} "
             f"(28x28): {images} whole image(s) and {extra} value(s) left over"
@@ -52,12 +57,12 @@ def parse_request(
         )
     pixels = values.reshape(-1, PIXELS_PER_IMAGE)
     if len(pixels) > max_images:
-        raise _invalid(
+        raise invalid(
             encoding,
             f"the request holds {len(pixels)} images; at most {max_images} are allowed per "
             "request (split it, or use ClassifyStream)",
         )
-    if encoding != "pixels_u8":
+    if check_range:
         _check_range(encoding, pixels)
     return pixels
 
@@ -68,7 +73,7 @@ def _decode(encoding: str, raw: bytes | object) -> np.ndarray:
     assert isinstance(raw, bytes)
     width = _BYTES_PER_VALUE[encoding]
     if len(raw) % width:
-        raise _invalid(
+        raise invalid(
             encoding,
             f"{encoding} holds {len(raw)} bytes, not a multiple of {width} "
             f"(each image is {PIXELS_PER_IMAGE * width} bytes)",
@@ -102,5 +107,5 @@ def _check_range(encoding: str, pixels: np.ndarray) -> None:
     raise InvalidInput(message, violations)
 
 
-def _invalid(field: str, message: str) -> InvalidInput:
+def invalid(field: str, message: str) -> InvalidInput:
     return InvalidInput(message, [Violation(field, message)])
