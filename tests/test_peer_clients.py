@@ -1,0 +1,47 @@
+"""Compatibility proven with the peers' own clients: tritonclient speaks to our Open Inference
+Protocol front exactly as it would to Triton. The client lives in a venv of its own, created
+once and cached (tritonclient pins protobuf<7, which would break this project's stubs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PEERS = Path(__file__).parent / "peers"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "digit-recognizer"
+
+
+def peer_python(name: str, requirement: str) -> Path:
+    venv = CACHE / f"peer-{name}"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", requirement],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if install.returncode:
+            pytest.skip(f"cannot install {requirement}: {install.stderr.strip()[-300:]}")
+        (venv / ".installed").touch()
+    return python
+
+
+def test_tritonclient_grpc_classifies_through_our_v2_front(processes, tiny_model_path):
+    python = peer_python("tritonclient", "tritonclient[grpc]==2.73.*")
+    server = processes("--model", str(tiny_model_path))
+    port = server.wait_serving()
+    run = subprocess.run(
+        [str(python), str(PEERS / "triton_client_check.py"), f"127.0.0.1:{port}", "tiny"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["live"] and result["ready"] and result["model_ready"]
+    assert result["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": ["-1", "784"]}
+    assert result["digits"] == [3, 1, 4] and result["id"] == "t1"
+    assert result["unknown_model"] == "StatusCode.NOT_FOUND"
