@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 300)
 async def test_soak_at_70_percent_of_capacity(processes, trained_model):
     server = processes("--model", str(trained_model))
     port = server.wait_serving()
