@@ -25,6 +25,7 @@ from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatchEvent
 from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.errors import ModelError
+from digit_recognizer.server.http import HttpFront, build_app
 from digit_recognizer.server.inference import Model, load_model
 from digit_recognizer.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from digit_recognizer.server.oip import InferenceService
@@ -52,6 +53,7 @@ class RunningServer:
     service: DigitClassifierService
     batcher: Batcher
     reloader: ModelReloader | None
+    http: HttpFront | None = None
 
     @property
     def model(self) -> Model:
@@ -69,6 +71,8 @@ class RunningServer:
             )
         # Long-lived calls (health Watch, idle streams) get a moment, then are closed.
         await self.server.stop(min(grace_s, 1.0))
+        if self.http is not None:
+            await self.http.stop()
         await self.batcher.close()
 
 
@@ -101,7 +105,8 @@ async def start_server(
         model, batcher, ServiceLimits(config.max_images_per_request, config.max_message_bytes)
     )
     add_to_server(service, server)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(service), server)
+    v2 = InferenceService(service)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -128,7 +133,16 @@ async def start_server(
             config.model, config.inference, batcher, service, config.reload_interval_s
         )
         reloader.start()
-    return RunningServer(server, port, health_servicer, service, batcher, reloader)
+    http = None
+    if config.http_port is not None:
+        token = config.auth_token_file.read_text().strip() if config.auth_token_file else None
+        app = build_app(service, v2, config.max_message_bytes, token)
+        http = HttpFront(app, config.host, config.http_port)
+        try:
+            await http.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve HTTP on port {config.http_port} ({exc})") from None
+    return RunningServer(server, port, health_servicer, service, batcher, reloader, http)
 
 
 async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
@@ -154,6 +168,7 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
                 "max_queue_size": config.max_queue_size,
                 "max_images_per_request": config.max_images_per_request,
                 "address": f"{host}:{running.port}",
+                "http_port": running.http.port if running.http else "off",
                 "tls": "mutual" if config.tls_client_ca else "on" if config.tls_cert else "off",
                 "auth": "bearer token" if config.auth_token_file else "none",
                 "pid": os.getpid(),

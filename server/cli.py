@@ -96,6 +96,14 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     help="Server processes sharing the port (SO_REUSEPORT).",
 )
 @click.option(
+    "--http-port",
+    type=int,
+    default=None,
+    show_envvar=True,
+    help="Also serve HTTP here: the draw-a-digit page at /, Open Inference Protocol REST "
+    "(/v2/...) and picture upload (POST /v1/classify). Off unless given; 0 = any free port.",
+)
+@click.option(
     "--metrics-port",
     type=int,
     default=_DEFAULTS.metrics_port,

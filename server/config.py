@@ -29,6 +29,7 @@ class ServerConfig:
     workers: int = 1
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "0.0.0.0"
+    http_port: int | None = None  # None: no HTTP front; 0: any free port
     grace_s: float = 20.0
     reload_interval_s: float = 2.0  # how often to look for a new model file; 0 = never
     log_level: str = "INFO"
@@ -73,6 +74,8 @@ class ServerConfig:
             problems.append(f"--port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             problems.append(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            problems.append(f"--http-port must be in 0..65535, got {self.http_port}")
         if self.provider not in ("auto", "cpu", "cuda"):
             problems.append(f"--provider must be auto, cpu or cuda, got {self.provider!r}")
         if self.max_images_per_request < 1:

@@ -67,34 +67,32 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: inference_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ModelMetadataResponse:
-        model = self._digits.model
         if not self._is_served(request.name, request.version):
             await self._abort(context, self._not_found(request.name, request.version))
-        tensor = inference_pb2.ModelMetadataResponse.TensorMetadata
-        return inference_pb2.ModelMetadataResponse(
-            name=model.card.name,
-            versions=[model.card.version],
-            platform=PLATFORM,
-            inputs=[tensor(name=model.input_name, datatype=FP32, shape=[-1, 784])],
-            outputs=[tensor(name=model.output_name, datatype=FP32, shape=[-1, model.num_classes])],
-        )
+        return self.metadata()
 
     async def ModelInfer(
         self, request: inference_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ModelInferResponse:
         started = time.perf_counter()
         try:
-            if not self._is_served(request.model_name, request.model_version):
-                raise self._not_found(request.model_name, request.model_version)
-            pixels = self._pixels(request)
-            result = await self._digits.classify_pixels(pixels, context)
+            response = await self.infer(request, context.time_remaining())
         except Exception as exc:
             status = self._digits.status_of(exc, "ModelInfer")
             self._digits.observe("ModelInfer", status.code, started)
             await context.abort_with_status(rpc_status.to_status(status.to_rpc_status()))
+        self._digits.observe("ModelInfer", grpc.StatusCode.OK, started)
+        return response
+
+    async def infer(
+        self, request: inference_pb2.ModelInferRequest, remaining: float | None
+    ) -> inference_pb2.ModelInferResponse:
+        """ModelInfer without gRPC: also what the HTTP /v2/.../infer route runs."""
+        if not self._is_served(request.model_name, request.model_version):
+            raise self._not_found(request.model_name, request.model_version)
+        result = await self._digits.classify_pixels(self._pixels(request), remaining)
         model = self._digits.model
         probabilities = result.outputs
-        self._digits.observe("ModelInfer", grpc.StatusCode.OK, started)
         return inference_pb2.ModelInferResponse(
             model_name=model.card.name,
             model_version=",".join(result.versions) or model.card.version,
@@ -106,6 +104,21 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             ],
             raw_output_contents=[probabilities.astype(_LITTLE_ENDIAN_F32).tobytes()],
         )
+
+    def metadata(self) -> inference_pb2.ModelMetadataResponse:
+        model = self._digits.model
+        tensor = inference_pb2.ModelMetadataResponse.TensorMetadata
+        return inference_pb2.ModelMetadataResponse(
+            name=model.card.name,
+            versions=[model.card.version],
+            platform=PLATFORM,
+            inputs=[tensor(name=model.input_name, datatype=FP32, shape=[-1, 784])],
+            outputs=[tensor(name=model.output_name, datatype=FP32, shape=[-1, model.num_classes])],
+        )
+
+    def check_served(self, name: str, model_version: str = "") -> None:
+        if not self._is_served(name, model_version):
+            raise self._not_found(name, model_version)
 
     def _is_served(self, name: str, model_version: str) -> bool:
         card = self._digits.model.card

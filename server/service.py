@@ -232,18 +232,15 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         pixels = parse_request(
             request, self._limits.max_images_per_request, self._model.num_classes
         )
-        result = await self.classify_pixels(pixels, context)
+        result = await self.classify_pixels(pixels, context.time_remaining())
         return self._response(request, result)
 
-    async def classify_pixels(
-        self, pixels: np.ndarray, context: grpc.aio.ServicerContext
-    ) -> BatchResult:
-        """Validated (N, 784) pixels through the batcher, honouring the call's deadline.
-        Every front (this servicer, the Open Inference Protocol one) classifies through here."""
+    async def classify_pixels(self, pixels: np.ndarray, remaining: float | None) -> BatchResult:
+        """Validated (N, 784) pixels through the batcher, within `remaining` seconds (None: no
+        deadline). Every front (gRPC digits.v1, Open Inference Protocol, HTTP) comes here."""
         self._arrived()
         self._refuse_if_draining()
         loop = asyncio.get_running_loop()
-        remaining = context.time_remaining()
         deadline = None if remaining is None else loop.time() + remaining
         self._active += 1
         self._idle.clear()

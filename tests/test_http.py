@@ -1,0 +1,120 @@
+"""The HTTP front: Open Inference Protocol REST, picture upload, the page, error statuses."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnx_models import one_hot_image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture
+async def http(start_server, tiny_model_path):
+    server = await start_server(tiny_model_path, http_port=0, max_images_per_request=8)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
+        yield session
+
+
+async def test_v2_rest_health_metadata_and_infer(http):
+    assert (await (await http.get("/v2/health/live")).json()) == {"live": True}
+    assert (await http.get("/v2/health/ready")).status == 200
+    meta = await (await http.get("/v2/models/tiny")).json()
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 784]}]
+    images = np.stack([one_hot_image(d) for d in (2, 7)])
+    body = {
+        "id": "q1",
+        "inputs": [
+            {"name": "pixels", "datatype": "FP32", "shape": [2, 784], "data": images.tolist()}
+        ],
+    }
+    reply = await http.post("/v2/models/tiny/infer", json=body)
+    assert reply.status == 200
+    result = await reply.json()
+    assert result["id"] == "q1" and result["model_version"] == "1"
+    (output,) = result["outputs"]
+    assert output["shape"] == [2, 10]
+    assert np.asarray(output["data"]).reshape(2, 10).argmax(axis=1).tolist() == [2, 7]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "message"),
+    [
+        ("/v2/models/nope/infer", {"inputs": []}, 404, "no model 'nope' here"),
+        ("/v2/models/tiny/infer", {"inputs": "x"}, 400, '"inputs"'),
+        (
+            "/v2/models/tiny/infer",
+            {
+                "inputs": [
+                    {"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [2.0] * 784}
+                ]
+            },
+            400,
+            "image 0, pixel 0 (row 0, column 0) is 2.0",
+        ),
+        (
+            "/v2/models/tiny/infer",
+            {
+                "inputs": [
+                    {"name": "pixels", "datatype": "FP32", "shape": [1, 3], "data": [0, 0, 0]}
+                ]
+            },
+            400,
+            "expected shape [N, 784]",
+        ),
+    ],
+)
+async def test_rest_errors_have_status_and_message(http, path, payload, status, message):
+    reply = await http.post(path, json=payload)
+    assert reply.status == status
+    assert message in (await reply.json())["error"]
+
+
+async def test_not_json_is_400(http):
+    reply = await http.post("/v2/models/tiny/infer", data=b"{nope")
+    assert reply.status == 400 and "not JSON" in (await reply.json())["error"]
+
+
+@pytest.mark.parametrize("name", ["mnist-0-label7.png", "photo-4-label4-jpeg.jpg"])
+async def test_upload_real_pictures(http, name):
+    form = aiohttp.FormData()
+    form.add_field("file", (EXAMPLES / name).read_bytes(), filename=name)
+    reply = await http.post("/v1/classify", data=form)
+    assert reply.status == 200, await reply.text()
+    result = await reply.json()
+    assert result["name"] == name and len(result["probabilities"]) == 10
+    assert len(result["pixels"]) == 784 and result["label"] == str(result["digit"])
+
+
+async def test_upload_raw_body_and_bad_pictures(http):
+    picture = io.BytesIO()
+    Image.fromarray((one_hot_image(5).reshape(28, 28) * 255).astype(np.uint8)).save(picture, "PNG")
+    ok = await http.post("/v1/classify", data=picture.getvalue())
+    assert ok.status == 200 and (await ok.json())["digit"] == 5
+    bad = await http.post("/v1/classify", data=b"not a picture")
+    assert bad.status == 400 and "not an image Pillow can read" in (await bad.json())["error"]
+    empty = await http.post("/v1/classify", data=b"")
+    assert empty.status == 400 and "no picture received" in (await empty.json())["error"]
+
+
+async def test_the_page_is_served(http):
+    reply = await http.get("/")
+    text = await reply.text()
+    assert reply.status == 200 and "<canvas" in text and "v1/classify" in text
+
+
+async def test_draining_is_503(start_server, tiny_model_path):
+    server = await start_server(tiny_model_path, http_port=0)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
+        await server.service.drain(0)
+        assert (await session.get("/v2/health/ready")).status == 503
+        reply = await session.post(
+            "/v1/classify", data=(EXAMPLES / "mnist-0-label7.png").read_bytes()
+        )
+        assert reply.status == 503
