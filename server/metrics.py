@@ -58,6 +58,11 @@ FAILED_BATCHES = Counter("digits_failed_batches_total", "Model runs that raised"
 QUEUE_DEPTH = Gauge(
     "digits_queue_depth_images", "Images waiting for a model run", multiprocess_mode="livesum"
 )
+IN_FLIGHT = Gauge(
+    "digits_requests_in_flight",
+    "Accepted requests not answered yet (queued or computing)",
+    multiprocess_mode="livesum",
+)
 REJECTED = Counter("digits_rejected_total", "Requests refused because the queue was full")
 SKIPPED = Counter(
     "digits_skipped_total", "Queued requests dropped before computing, by reason", ["reason"]

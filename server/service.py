@@ -244,9 +244,11 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         deadline = None if remaining is None else loop.time() + remaining
         self._active += 1
         self._idle.clear()
+        metrics.IN_FLIGHT.inc()
         try:
             result = await self._batcher.submit(pixels, deadline)
         finally:
+            metrics.IN_FLIGHT.dec()
             self._active -= 1
             if self._active == 0:
                 self._idle.set()

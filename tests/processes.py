@@ -14,7 +14,8 @@ DIGIT_SERVER = str(Path(sys.executable).parent / "digit-server")
 class ServerProcess:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [DIGIT_SERVER, "--host", "127.0.0.1", "--port", "0", "--no-metrics", *args]
+            [DIGIT_SERVER, "--host", "127.0.0.1", "--port", "0", *args]
+            + ([] if "--metrics-port" in args else ["--no-metrics"])
             + ([] if "--tls-cert" in args else ["--plaintext"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -35,6 +36,12 @@ class ServerProcess:
                 ports.append(int(match.group(1)))
         assert len(set(ports)) == 1
         return ports[0]
+
+    def metrics_port(self) -> int:
+        for line in self.log:
+            if match := re.search(r" metrics address=\S+:(\d+)", line):
+                return int(match.group(1))
+        raise AssertionError("no metrics line in the log (start with --metrics-port 0)")
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
         _, rest = self.proc.communicate(timeout=timeout)

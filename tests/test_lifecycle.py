@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import urllib.request
 
 import grpc
 import numpy as np
@@ -65,6 +66,15 @@ async def _first_refusal(port: int) -> grpc.StatusCode | None:
     return None
 
 
+def _accepted_in_flight(server: ServerProcess) -> float:
+    url = f"http://127.0.0.1:{server.metrics_port()}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("digits_requests_in_flight "):
+                return float(line.split()[1])
+    return 0.0
+
+
 async def _load_then_sigterm(server: ServerProcess, port: int, calls: int) -> list:
     """Send `calls` requests on several connections, SIGTERM once the first is answered."""
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
@@ -78,10 +88,11 @@ async def _load_then_sigterm(server: ServerProcess, port: int, calls: int) -> li
             )
             for i in range(calls)
         ]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        # Give the server a moment to take in the burst, so SIGTERM finds a full queue; the
-        # assertions below hold whatever the timing.
-        await asyncio.sleep(0.3)
+        # SIGTERM once the server itself reports most of the burst accepted (bounded wait).
+        for _ in range(300):
+            if await asyncio.to_thread(_accepted_in_flight, server) >= 150:
+                break
+            await asyncio.sleep(0.05)
         in_flight = sum(not t.done() for t in tasks)
         server.proc.send_signal(signal.SIGTERM)
         refused = await _first_refusal(port)
@@ -94,8 +105,11 @@ async def _load_then_sigterm(server: ServerProcess, port: int, calls: int) -> li
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_drains_every_accepted_request_and_exits_0(processes, tmp_path, workers):
-    model = save(slow_model(), tmp_path / "slow.onnx")
-    server = processes("--model", str(model), "--workers", str(workers), "--max-batch-size", "8")
+    model = save(slow_model(width=4096), tmp_path / "slow.onnx")  # requests pile up
+    server = processes(
+        *("--model", str(model), "--workers", str(workers), "--max-batch-size", "8"),
+        *("--metrics-port", "0"),
+    )
     port = server.wait_serving(count=workers)
     replies, in_flight, refused = await _load_then_sigterm(server, port, calls=200)
     code, log = server.finish()

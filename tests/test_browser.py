@@ -1,0 +1,77 @@
+"""End to end in a real browser: Playwright drives Debian's headless Chromium on the page,
+draws digits with mouse strokes and uploads a photo. Opt-in: `make browser-test` installs
+Chromium and Playwright (the `browser` extra) and runs it; skipped where either is missing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")
+playwright = pytest.importorskip("playwright.sync_api", reason="needs the [browser] extra")
+
+FLAGS = [
+    "--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+# Strokes in pad coordinates (the pad is 280x280, drawn on at its displayed size).
+SEVEN = [[(70, 60), (210, 60), (120, 230)]]
+ONE = [[(140, 40), (140, 240)]]
+
+
+@pytest.fixture(scope="module")
+def page_url(trained_model, tmp_path_factory):
+    from processes import ServerProcess
+
+    server = ServerProcess("--model", str(trained_model), "--http-port", "0")
+    server.wait_serving()
+    port = next(
+        int(line.split("http_port=")[1].split()[0]) for line in server.log if "http_port=" in line
+    )
+    yield f"http://127.0.0.1:{port}/"
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield instance
+        instance.close()
+
+
+def draw(page, strokes) -> None:
+    box = page.locator("#pad").bounding_box()
+    scale = box["width"] / 280
+    for stroke in strokes:
+        x, y = stroke[0]
+        page.mouse.move(box["x"] + x * scale, box["y"] + y * scale)
+        page.mouse.down()
+        for x, y in stroke[1:]:
+            page.mouse.move(box["x"] + x * scale, box["y"] + y * scale, steps=12)
+        page.mouse.up()
+
+
+@pytest.mark.parametrize(("strokes", "digit"), [(SEVEN, "7"), (ONE, "1")])
+def test_drawing_a_digit_shows_it(browser, page_url, strokes, digit, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    page.goto(page_url)
+    draw(page, strokes)
+    answer = page.get_by_test_id("answer")
+    playwright.expect(answer).to_have_text(digit, timeout=10_000)
+    assert page.locator(".bar").count() == 10
+    page.screenshot(path=str(tmp_path / f"drawn-{digit}.png"))
+    page.close()
+
+
+def test_uploading_a_photo(browser, page_url):
+    page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+    page.goto(page_url)
+    page.locator("#file").set_input_files(str(EXAMPLES / "photo-4-label4-jpeg.jpg"))
+    playwright.expect(page.get_by_test_id("answer")).to_have_text("4", timeout=10_000)
+    page.close()
