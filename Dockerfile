@@ -31,7 +31,7 @@ WORKDIR /home/app
 USER app
 # Settings come from DIGITS_* variables (compose and Kubernetes override them) or flags.
 ENV DIGITS_MODEL=/models/model.onnx DIGITS_HOST=0.0.0.0
-EXPOSE 50051 8002
+EXPOSE 50051 8080 8002
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["digit-server"]
 

@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
 SERVE_ARGS ?= --plaintext
 
-.PHONY: run serve test setup train train-best lint protos quick-bench docker-test soak clean
+.PHONY: run serve test setup train train-best lint protos quick-bench docker-test soak browser-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: $(MODEL)
 
 serve: setup
 	$(BIN)/digit-server --model $(MODEL) $(SERVE_ARGS)
+
+browser-test: setup
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/pip install --quiet -e ".[all,browser]"
+	$(BIN)/python -m pytest tests/test_browser.py
 
 soak: setup
 	DIGITS_SOAK=1 $(BIN)/python -m pytest -s tests/test_soak.py

@@ -267,6 +267,13 @@ def health(connect: Callable[[], DigitClient], service: str) -> None:
     show_default=True,
     help="Wire encoding: raw float32 bytes, uint8 bytes, or repeated float.",
 )
+@click.option(
+    "--protocol",
+    type=click.Choice(["digits", "v2"]),
+    default="digits",
+    show_default=True,
+    help="digits.v1 Classify, or the Open Inference Protocol's ModelInfer (raw FP32).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @connection_options
 def bench(
@@ -276,6 +283,7 @@ def bench(
     count: int | None,
     batch_size: int,
     encoding: str,
+    protocol: str,
     as_json: bool,
 ) -> None:
     """Measure throughput and latency under a closed-loop load of real requests.
@@ -294,6 +302,7 @@ def bench(
             count,
             batch_size,
             encoding,
+            protocol,
             show_progress=not as_json,
         )
     )
@@ -316,11 +325,12 @@ async def _bench(
     count: int | None,
     batch_size: int,
     encoding: str,
+    protocol: str,
     show_progress: bool,
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from digit_recognizer.protos import digits_pb2
+    from digit_recognizer.protos import digits_pb2, inference_pb2, inference_pb2_grpc
 
     rng = np.random.default_rng(0)
     pixels = rng.random((batch_size, 784), dtype=np.float32)
@@ -335,7 +345,19 @@ async def _bench(
     issued = 0
     async with AsyncDigitClient(**client_args) as client:
         await client.health()  # connect before the clock starts
-        stub, timeout = client._stub, client.timeout
+        timeout = client.timeout
+        call: Any = client._stub.Classify
+        if protocol == "v2":
+            name = (await client.model_info()).name
+            tensor = inference_pb2.ModelInferRequest.InferInputTensor(
+                name="pixels", datatype="FP32", shape=[batch_size, 784]
+            )
+            request = inference_pb2.ModelInferRequest(
+                model_name=name,
+                inputs=[tensor],
+                raw_input_contents=[pixels.astype("<f4").tobytes()],
+            )
+            call = inference_pb2_grpc.GRPCInferenceServiceStub(client._channel).ModelInfer
         started = time.perf_counter()
         stop_at = started + (float("inf") if count else duration)
         total = count or duration
@@ -356,7 +378,7 @@ async def _bench(
                     issued += 1
                     sent = time.perf_counter()
                     try:
-                        await stub.Classify(request, timeout=timeout)
+                        await call(request, timeout=timeout)
                         latencies.append(time.perf_counter() - sent)
                     except grpc.aio.AioRpcError as exc:  # counted by code, never fatal
                         errors[exc.code().name] += 1
@@ -374,6 +396,7 @@ async def _bench(
         "concurrency": concurrency,
         "batch_size": batch_size,
         "encoding": encoding,
+        "protocol": protocol,
         "requests": len(latencies),
         "images": len(latencies) * batch_size,
         "seconds": seconds,

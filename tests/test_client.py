@@ -192,6 +192,8 @@ def test_cli_info_health_and_bench(served):
     bench = run("bench", "--target", served, "--count", "50", "--concurrency", "4", "--json")
     result = json.loads(bench.output)
     assert result["requests"] == 50 and not result["errors"] and result["p99_ms"] > 0
+    v2 = run("bench", "--target", served, "--count", "20", "--protocol", "v2", "--json")
+    assert json.loads(v2.output)["requests"] == 20 and not json.loads(v2.output)["errors"]
     text = run("bench", "--target", served, "--duration", "0.5", "--batch-size", "8")
     assert "requests/s" in text.output and "p99" in text.output
 
