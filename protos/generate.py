@@ -7,6 +7,7 @@ import each other as `digit_recognizer.protos.*`, matching the installed package
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,22 +19,27 @@ PACKAGE_PATH = Path("digit_recognizer/protos")
 
 def generate(out_dir: Path) -> list[Path]:
     """Write the stubs of every .proto into out_dir; return their paths."""
-    from grpc_tools import protoc  # dev-only dependency
-
     with tempfile.TemporaryDirectory() as scratch:
         for proto in PROTO_FILES:
-            status = protoc.main(
+            # A child process: protoc's C++ protobuf must not share a process with another
+            # copy of it (TensorFlow's, once loaded, makes the in-process compiler crash).
+            result = subprocess.run(
                 [
-                    "grpc_tools.protoc",
+                    sys.executable,
+                    "-m",
+                    "grpc_tools.protoc",  # dev-only dependency
                     f"--proto_path={PACKAGE_PATH}={PROTO_DIR}",
                     f"--python_out={scratch}",
                     f"--pyi_out={scratch}",
                     f"--grpc_python_out={scratch}",
                     str(PROTO_DIR / proto),
-                ]
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
-            if status != 0:
-                raise RuntimeError(f"protoc failed on {proto} (exit {status})")
+            if result.returncode != 0:
+                raise RuntimeError(f"protoc failed on {proto}: {result.stderr.strip()}")
         written = []
         for generated in sorted((Path(scratch) / PACKAGE_PATH).iterdir()):
             target = out_dir / generated.name

@@ -243,6 +243,10 @@ async def test_expired_and_cancelled_requests_are_never_computed(start_server, t
         while server.batcher.queued_images < 2:  # the expired one is still counted
             await asyncio.sleep(0.001)
         cancelled.cancel()
+        # The cancellation travels to the server asynchronously: release the model only once
+        # both abandoned handlers are gone (only the blocker is still active).
+        while server.service.active_requests > 1:
+            await asyncio.sleep(0.001)  # bounded by the test timeout
         model.gate.set()
         await blocker
         after = await stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(3).ravel()))
