@@ -2,7 +2,7 @@
 upload endpoint and the draw-a-digit page, all over the same batcher as the gRPC fronts.
 
 Errors carry the same messages as gRPC with the HTTP status a browser or curl expects:
-400 bad input, 404 unknown model, 413 too large, 429 queue full, 503 not ready or draining,
+400 bad input (also a body over the size limit), 404 unknown model, 429 queue full, 503 draining,
 504 deadline, 500 bug. The body is always JSON: {"error": "..."}.
 """
 

@@ -43,6 +43,12 @@ class ServerProcess:
                 return int(match.group(1))
         raise AssertionError("no metrics line in the log (start with --metrics-port 0)")
 
+    def http_port(self) -> int:
+        for line in self.log:
+            if match := re.search(r" http_port=(\d+)", line):
+                return int(match.group(1))
+        raise AssertionError("no http_port in the log (start with --http-port 0)")
+
     def finish(self, timeout: float = 60) -> tuple[int, str]:
         _, rest = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, "".join(self.log) + rest

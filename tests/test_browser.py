@@ -30,9 +30,7 @@ def page_url(trained_model, tmp_path_factory):
 
     server = ServerProcess("--model", str(trained_model), "--http-port", "0")
     server.wait_serving()
-    port = next(
-        int(line.split("http_port=")[1].split()[0]) for line in server.log if "http_port=" in line
-    )
+    port = server.http_port()
     yield f"http://127.0.0.1:{port}/"
     server.kill()
 

@@ -45,3 +45,19 @@ def test_tritonclient_grpc_classifies_through_our_v2_front(processes, tiny_model
     assert result["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": ["-1", "784"]}
     assert result["digits"] == [3, 1, 4] and result["id"] == "t1"
     assert result["unknown_model"] == "StatusCode.NOT_FOUND"
+
+
+def test_tritonclient_http_classifies_through_our_rest_routes(processes, tiny_model_path):
+    python = peer_python("tritonclient-http", "tritonclient[http]==2.73.*")
+    server = processes("--model", str(tiny_model_path), "--http-port", "0")
+    server.wait_serving()
+    port = server.http_port()
+    run = subprocess.run(
+        [str(python), str(PEERS / "triton_http_check.py"), f"127.0.0.1:{port}", "tiny"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["live"] and result["ready"] and result["model_ready"]
+    assert result["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": [-1, 784]}
+    assert result["digits"] == [7, 2] and result["id"] == "h1"
