@@ -113,7 +113,7 @@ phase "images built"
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep digit-recognizer | tee -a "$SUMMARY"
 
 # --- up: train, then serve -----------------------------------------------------------------
-export MNIST_DATA_DIR=$MNIST SERVER_PORT=$PORT METRICS_PORT=
+export MNIST_DATA_DIR=$MNIST SERVER_PORT=$PORT METRICS_PORT= HTTP_PORT=$((PORT + 1))
 compose up -d --wait --wait-timeout 600
 phase "compose up --wait: trained and healthy"
 compose logs trainer | grep -E "test accuracy|parity|not retraining" | tail -3 | tee -a "$SUMMARY"
@@ -136,6 +136,11 @@ correct=$(grep -cE 'label([0-9])[^:]*: \1 ' "$WORK/classify.txt" || true)
 total=$(wc -l <"$WORK/classify.txt")
 say "classified through the published port: $correct of $total correct"
 [ "$correct" -ge $((total - 1)) ]
+http_answer=$(curl -sf -F "file=@$ROOT/examples/photo-4-label4-jpeg.jpg" \
+  "http://127.0.0.1:$HTTP_PORT/v1/classify" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["digit"])')
+curl -sf "http://127.0.0.1:$HTTP_PORT/" | grep -q "<canvas"
+say "HTTP front: page served, photo-4 uploaded -> $http_answer"
+[ "$http_answer" = 4 ]
 
 # --- a second up reuses the model ----------------------------------------------------------
 compose up -d --wait --wait-timeout 120
@@ -152,7 +157,7 @@ phase "compose stop: server exit code $code after draining"
 [ "$code" = 0 ]
 
 # --- scale to two replicas ------------------------------------------------------------------
-SERVER_PORT= compose up -d --wait --wait-timeout 120 --scale server=2
+SERVER_PORT= HTTP_PORT= compose up -d --wait --wait-timeout 120 --scale server=2
 for index in 1 2; do
   replica_port=$(compose port --index "$index" server 50051 | cut -d: -f2)
   "$BIN/digit-client" classify --target "127.0.0.1:$replica_port" "$ROOT/examples/mnist-0-label7.png" \
