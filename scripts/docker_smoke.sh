@@ -172,7 +172,8 @@ if SERVER_MODEL=/models/corrupt.onnx compose up -d --wait --wait-timeout 60 >"$W
   say "FAILED: a corrupt model came up healthy"
   exit 1
 fi
-compose logs server 2>&1 | grep -m1 "not starting" | tee -a "$SUMMARY"
+compose logs server >"$WORK/corrupt-server.log" 2>&1
+grep -m1 "not starting" "$WORK/corrupt-server.log" | tee -a "$SUMMARY"
 phase "corrupt model: up --wait failed as it must"
 
 say "docker smoke test passed in $(($(date +%s) - started_at)) s"
