@@ -138,13 +138,16 @@ say "classified through the published port: $correct of $total correct"
 [ "$correct" -ge $((total - 1)) ]
 http_answer=$(curl -sf -F "file=@$ROOT/examples/photo-4-label4-jpeg.jpg" \
   "http://127.0.0.1:$HTTP_PORT/v1/classify" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["digit"])')
-curl -sf "http://127.0.0.1:$HTTP_PORT/" | grep -q "<canvas"
+# (files, not pipes, before grep -q: an early-exiting grep would fail the pipe under pipefail)
+curl -sf "http://127.0.0.1:$HTTP_PORT/" -o "$WORK/page.html"
+grep -q "<canvas" "$WORK/page.html"
 say "HTTP front: page served, photo-4 uploaded -> $http_answer"
 [ "$http_answer" = 4 ]
 
 # --- a second up reuses the model ----------------------------------------------------------
 compose up -d --wait --wait-timeout 120
-compose logs trainer | grep -q "not retraining"
+compose logs trainer >"$WORK/trainer.log" 2>&1
+grep -q "not retraining" "$WORK/trainer.log"
 phase "second up reused the model"
 
 # --- stop drains and exits 0 ---------------------------------------------------------------
@@ -152,7 +155,8 @@ compose stop server
 container=$(compose ps -a -q server)
 code=$(docker inspect -f '{{.State.ExitCode}}' "$container")
 compose logs --no-log-prefix server | grep -E '"message": "(draining|stopped)"' | tee -a "$SUMMARY"
-compose logs server | grep -q '"message": "stopped"'
+compose logs server >"$WORK/server.log" 2>&1
+grep -q '"message": "stopped"' "$WORK/server.log"
 phase "compose stop: server exit code $code after draining"
 [ "$code" = 0 ]
 
