@@ -95,8 +95,17 @@ def test_server_side_errors_become_typed_exceptions(served):
             client._call(client_module.encode(as_pixels(np.zeros((9, 784)))))
         with pytest.raises(InvalidInput, match="classify takes one image, got 2"):
             client.classify(np.zeros((2, 784)))
-    with DigitClient(served, timeout=0.000001) as hurried, pytest.raises(DeadlineExceeded):
-        hurried.classify(one_hot_image(1))
+
+
+def test_a_call_slower_than_its_timeout_is_deadline_exceeded(processes, tmp_path):
+    from onnx_models import slow_model
+
+    model = save(slow_model(width=6144), tmp_path / "slow.onnx")  # ~0.5 s for 256 images
+    port = processes("--model", str(model), "--max-batch-size", "256").wait_serving()
+    images = np.stack([one_hot_image(i % 10) for i in range(256)])
+    hurried = DigitClient(f"127.0.0.1:{port}", timeout=0.05)
+    with hurried, pytest.raises(DeadlineExceeded):
+        hurried.classify_many(images)
 
 
 def test_nothing_listening_is_unavailable_after_grpc_retries():
