@@ -14,7 +14,7 @@ import numpy as np
 from grpc_status import rpc_status
 
 from digit_recognizer.protos import inference_pb2, inference_pb2_grpc
-from digit_recognizer.server.errors import InvalidInput, ServingError
+from digit_recognizer.server.errors import ServingError
 from digit_recognizer.server.service import DigitClassifierService
 from digit_recognizer.server.validation import invalid, to_images
 
@@ -179,6 +179,3 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
         await context.abort(error.code, str(error))
-
-
-__all__ = ["SERVICE_NAME", "InferenceService", "InvalidInput"]

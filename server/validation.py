@@ -46,24 +46,23 @@ def parse_request(
 
 def to_images(field: str, values: np.ndarray, max_images: int, check_range: bool) -> np.ndarray:
     """Flat values -> (N, 784) float32, or InvalidInput naming `field` and what is wrong."""
-    encoding = field
     if values.size % PIXELS_PER_IMAGE:
         images, extra = divmod(values.size, PIXELS_PER_IMAGE)
         raise invalid(
-            encoding,
-            f"{encoding} holds {values.size} values, not a multiple of {PIXELS_PER_IMAGE} "
+            field,
+            f"{field} holds {values.size} values, not a multiple of {PIXELS_PER_IMAGE} "
             f"(28x28): {images} whole image(s) and {extra} value(s) left over"
             + (f"; image 0 needs exactly {PIXELS_PER_IMAGE}" if images == 0 else ""),
         )
     pixels = values.reshape(-1, PIXELS_PER_IMAGE)
     if len(pixels) > max_images:
         raise invalid(
-            encoding,
+            field,
             f"the request holds {len(pixels)} images; at most {max_images} are allowed per "
             "request (split it, or use ClassifyStream)",
         )
     if check_range:
-        _check_range(encoding, pixels)
+        _check_range(field, pixels)
     return pixels
 
 
