@@ -121,6 +121,15 @@ async def start_server(
         )
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {config.address} ({exc})") from None
+    http = None
+    if config.http_port is not None:  # bound before anything reports SERVING
+        token = config.auth_token_file.read_text().strip() if config.auth_token_file else None
+        app = build_app(service, v2, config.max_message_bytes, token)
+        http = HttpFront(app, config.host, config.http_port, reuse_port=reuse_port)
+        try:
+            await http.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve HTTP on port {config.http_port} ({exc})") from None
     batcher.start()
     await server.start()
     for name in ("", SERVICE_NAME):
@@ -133,15 +142,6 @@ async def start_server(
             config.model, config.inference, batcher, service, config.reload_interval_s
         )
         reloader.start()
-    http = None
-    if config.http_port is not None:
-        token = config.auth_token_file.read_text().strip() if config.auth_token_file else None
-        app = build_app(service, v2, config.max_message_bytes, token)
-        http = HttpFront(app, config.host, config.http_port)
-        try:
-            await http.start()
-        except OSError as exc:
-            raise StartupError(f"cannot serve HTTP on port {config.http_port} ({exc})") from None
     return RunningServer(server, port, health_servicer, service, batcher, reloader, http)
 
 

@@ -238,15 +238,16 @@ async def _upload(request: web.Request) -> tuple[str, bytes]:
 class HttpFront:
     """Owns the aiohttp runner; started and stopped with the gRPC server."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(self, app: web.Application, host: str, port: int, reuse_port: bool) -> None:
         self._runner = web.AppRunner(app, access_log=None)
         self._host = host.strip("[]") or "::"
         self._port = port
+        self._reuse_port = reuse_port  # --workers N share the HTTP port like the gRPC one
         self.port = 0
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
