@@ -94,8 +94,9 @@ async def start_server(
         version=model.card.version,
     )
     security = config.security
+    token = security.token()  # read once: the gRPC interceptor and the HTTP front share it
     server = grpc.aio.server(
-        interceptors=security.interceptors(),
+        interceptors=security.interceptors(token),
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -123,7 +124,6 @@ async def start_server(
         raise StartupError(f"cannot listen on {config.address} ({exc})") from None
     http = None
     if config.http_port is not None:  # bound before anything reports SERVING
-        token = config.auth_token_file.read_text().strip() if config.auth_token_file else None
         app = build_app(service, v2, config.max_message_bytes, token)
         http = HttpFront(app, config.host, config.http_port, reuse_port=reuse_port)
         try:

@@ -59,6 +59,11 @@ class BatchResult:
     compute_us: int  # time inside model runs
     versions: tuple[str, ...] = ()  # model versions that ran it; two only across a swap
 
+    @property
+    def version(self) -> str:
+        """What replies report as the model version: "2", or "1,2" across a hot swap."""
+        return ",".join(self.versions)
+
 
 @dataclass(frozen=True)
 class BatchEvent:

@@ -96,15 +96,12 @@ class _Routes:
     async def _metadata(self, request: web.Request) -> dict[str, Any]:
         self._v2.check_served(request.match_info["name"])
         meta = self._v2.metadata()
-        tensors = lambda items: [  # noqa: E731
-            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items
-        ]
         return {
             "name": meta.name,
             "versions": list(meta.versions),
             "platform": meta.platform,
-            "inputs": tensors(meta.inputs),
-            "outputs": tensors(meta.outputs),
+            "inputs": [_tensor_json(t) for t in meta.inputs],
+            "outputs": [_tensor_json(t) for t in meta.outputs],
         }
 
     async def _infer(self, request: web.Request) -> dict[str, Any]:
@@ -169,7 +166,7 @@ class _Routes:
             "confidence": float(probabilities[digit]),
             "probabilities": [float(p) for p in probabilities],
             "labels": list(labels),
-            "model_version": ",".join(result.versions),
+            "model_version": result.version,
             "pixels": [round(float(v), 3) for v in pixels],
         }
 
@@ -184,6 +181,10 @@ class _Routes:
             return web.json_response({"error": status.message}, status=http_status)
         self._digits.observe(method, grpc.StatusCode.OK, started)
         return web.json_response(body)
+
+
+def _tensor_json(tensor: inference_pb2.ModelMetadataResponse.TensorMetadata) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
 
 
 def _bearer_token(token: str) -> Any:

@@ -95,7 +95,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         probabilities = result.outputs
         return inference_pb2.ModelInferResponse(
             model_name=model.card.name,
-            model_version=",".join(result.versions) or model.card.version,
+            model_version=result.version,
             id=request.id,
             outputs=[
                 inference_pb2.ModelInferResponse.InferOutputTensor(

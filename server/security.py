@@ -73,10 +73,11 @@ class SecurityConfig:
             require_client_auth=client_ca is not None,
         )
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        if self.auth_token_file is None:
-            return []
-        return [BearerTokenInterceptor(self.auth_token_file.read_text().strip())]
+    def token(self) -> str | None:
+        return self.auth_token_file.read_text().strip() if self.auth_token_file else None
+
+    def interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor]:
+        return [BearerTokenInterceptor(token)] if token else []
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -309,7 +309,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         return digits_pb2.ClassifyResponse(
             request_id=request.request_id,
             predictions=predictions,
-            model_version=",".join(result.versions) or self._model.card.version,
+            model_version=result.version,
             telemetry=digits_pb2.Telemetry(
                 batch_size=result.batch_size,
                 batches=result.batches,
