@@ -31,16 +31,21 @@ def peer_python(name: str, requirement: str) -> Path:
     return python
 
 
+def run_peer(python: Path, script: str, port: int) -> dict:
+    """One of tests/peers/ in the peer's venv against 127.0.0.1:port; its JSON line."""
+    run = subprocess.run(
+        [str(python), str(PEERS / script), f"127.0.0.1:{port}", "tiny"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
 def test_tritonclient_grpc_classifies_through_our_v2_front(processes, tiny_model_path):
     python = peer_python("tritonclient", "tritonclient[grpc]==2.73.*")
     server = processes("--model", str(tiny_model_path))
     port = server.wait_serving()
-    run = subprocess.run(
-        [str(python), str(PEERS / "triton_client_check.py"), f"127.0.0.1:{port}", "tiny"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
+    result = run_peer(python, "triton_client_check.py", port)
     assert result["live"] and result["ready"] and result["model_ready"]
     assert result["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": ["-1", "784"]}
     assert result["digits"] == [3, 1, 4] and result["id"] == "t1"
@@ -52,12 +57,7 @@ def test_tritonclient_http_classifies_through_our_rest_routes(processes, tiny_mo
     server = processes("--model", str(tiny_model_path), "--http-port", "0")
     server.wait_serving()
     port = server.http_port()
-    run = subprocess.run(
-        [str(python), str(PEERS / "triton_http_check.py"), f"127.0.0.1:{port}", "tiny"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
+    result = run_peer(python, "triton_http_check.py", port)
     assert result["live"] and result["ready"] and result["model_ready"]
     assert result["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": [-1, 784]}
     assert result["digits"] == [7, 2] and result["id"] == "h1"
