@@ -1,0 +1,232 @@
+"""`make bench`: one run, one machine, one model; table, JSON and plot.
+
+python -m bench --model models/model.onnx --out reports/bench
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+
+from bench import report, servers
+from bench.measure import Measurement, Workload, measure
+from bench.venvs import VenvError, peer_python
+from digit_recognizer.server.errors import ModelError
+from digit_recognizer.server.inference import InferenceOptions, Model, load_model
+from digit_recognizer.trainer.data import DataError, load_dataset, resolve_data_dir, to_model_inputs
+
+CONCURRENCIES = (1, 16, 64, 256)
+BULK = Workload("bulk", "classify", 256, 4)
+PEER_REQUIREMENTS = {
+    "kserve": ("kserve==0.21.0", "onnxruntime==1.31.1"),
+    # uvloop 0.22 crashes MLServer's inference worker (SeldonIO/MLServer#2286).
+    "mlserver": ("mlserver==1.7.1", "uvloop<0.22", "onnxruntime==1.31.1"),
+    "pytriton": ("nvidia-pytriton==0.7.0", "onnxruntime==1.31.1"),
+}
+SHARED_MNIST = Path(__file__).parent.parent.parent / "shared" / "mnist"
+console = Console(stderr=True)
+
+
+def single(concurrency: int, call: str = "classify") -> Workload:
+    return Workload("single" if call != "stream" else "stream", call, 1, concurrency)
+
+
+def as_v2(workloads: list[Workload]) -> list[Workload]:
+    return [Workload(w.name, "infer", w.images, w.concurrency) for w in workloads]
+
+
+def plan(quick: bool) -> list[tuple[str, list[Workload]]]:
+    """(server key, workloads) in run order."""
+    sweep = [single(c) for c in ((1, 64) if quick else CONCURRENCIES)]
+    return [
+        ("floor", [*sweep, single(64, "stream"), BULK]),
+        ("default", [*sweep, BULK, single(64, "stream"), Workload("v2", "infer", 1, 64)]),
+        ("batching-off", [single(64), BULK]),
+        ("workers-2", [single(64), BULK]),
+        ("kserve", as_v2([*sweep, BULK])),
+        ("mlserver", as_v2([*sweep, BULK])),
+        ("mlserver-0", as_v2([single(64), BULK])),
+        ("pytriton", as_v2([*sweep, BULK])),
+    ]
+
+
+def samples_file(out: Path, data_dir: str | None, model: Model) -> Path:
+    """1,024 MNIST test digits and the digits this model gives them in-process: a server
+    that answers anything else (wrong order, wrong rows) is counted as wrong."""
+    location = resolve_data_dir(data_dir) or SHARED_MNIST
+    if not location.exists():
+        raise click.ClickException(
+            f"no MNIST data at {location}: pass --data-dir or set MNIST_DATA_DIR"
+        )
+    try:
+        dataset = load_dataset(location)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from None
+    path = out / "samples.npz"
+    images = to_model_inputs(dataset.x_test[:1024])
+    np.savez(path, images=images, expected=model.predict(images).argmax(axis=1))
+    return path
+
+
+def make_server(key: str, model: Path, name: str, port: int, work: Path) -> servers.Server:
+    if key == "floor":
+        return servers.floor(port)
+    if key == "default":
+        return servers.ours("digit-server (default)", model, name, port)
+    if key == "batching-off":
+        flags = ("--max-batch-size", "1")
+        return servers.ours("digit-server --max-batch-size 1", model, name, port, *flags)
+    if key == "workers-2":
+        return servers.ours("digit-server --workers 2", model, name, port, "--workers", "2")
+    peer = key.split("-")[0]
+    python = peer_python(peer, *PEER_REQUIREMENTS[peer])
+    if peer == "kserve":
+        return servers.kserve(python, model, name, port)
+    if peer == "mlserver":
+        workers = 0 if key == "mlserver-0" else 1
+        return servers.mlserver(python, model, name, port, workers, work / f"mlserver-{workers}")
+    return servers.pytriton(python, model, name, port)
+
+
+def machine() -> dict:
+    import grpc
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default="models/model.onnx",
+    show_default=True,
+    help="the exported ONNX model",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="reports/bench",
+    show_default=True,
+    help="bench.json, bench.png, logs",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="MNIST directory (default: $MNIST_DATA_DIR, else ../shared/mnist)",
+)
+@click.option(
+    "--duration", type=float, default=5.0, show_default=True, help="measured seconds per load"
+)
+@click.option(
+    "--warmup",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="unmeasured seconds before each load",
+)
+@click.option(
+    "--clients",
+    type=int,
+    default=max(2, os.cpu_count() or 1),
+    show_default=True,
+    help="load-generating processes (fewer when there are fewer callers)",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    help="run only these servers (floor, default, batching-off, workers-2, kserve, "
+    "mlserver, mlserver-0, pytriton); repeatable",
+)
+@click.option(
+    "--peers/--no-peers",
+    default=True,
+    show_default=True,
+    help="include KServe, MLServer and Triton (installed into cached venvs)",
+)
+@click.option("--quick", is_flag=True, help="1 and 64 callers only (for smoke tests)")
+def main(
+    model: Path, out: Path, data_dir: str | None, duration: float, warmup: float, clients: int,
+    only: tuple[str, ...], peers: bool, quick: bool,
+) -> None:  # fmt: skip
+    """Measure this server against its compute ceiling, its transport floor and its peers."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        loaded = load_model(model, InferenceOptions(provider="cpu"))
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    samples = samples_file(out, data_dir, loaded)
+    images = np.load(samples)["images"]
+    cores = os.cpu_count() or 1
+    results: dict = {
+        "machine": machine(),
+        "model": str(model),
+        "settings": {"duration_s": duration, "warmup_s": warmup, "clients": clients},
+        "runs": [],
+        "skipped": {},
+    }
+    console.print("[bold]compute ceiling[/]: onnxruntime in-process")
+    ceiling = subprocess.run(
+        [sys.executable, "-m", "bench.ceiling", str(model), "--seconds", str(min(duration, 2.0))],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    results["ceiling"] = json.loads(ceiling.stdout)
+    for key, workloads in plan(quick):
+        if (only and key not in only) or (not peers and key in report.PEER_KEYS):
+            continue
+        port = servers.free_port()
+        try:
+            server = make_server(key, model, loaded.card.name, port, out / "work")
+            with servers.running(server, port, out / "logs", images) as running:
+                for workload in workloads:
+                    console.print(
+                        f"[bold]{server.name}[/]: {workload.name} x{workload.images}, "
+                        f"{workload.concurrency} callers"
+                    )
+                    result: Measurement = measure(
+                        running, workload, samples=samples, clients=clients,
+                        warmup_s=warmup, duration_s=duration, cores=cores,
+                    )  # fmt: skip
+                    results["runs"].append({"key": key, **result.as_dict()})
+                    console.print("  " + report.one_line(result))
+        except (VenvError, servers.ServerFailed) as exc:
+            console.print(f"[red]{key} skipped[/]: {exc}")
+            results["skipped"][key] = str(exc)
+        time.sleep(1)  # let the port and the CPU settle between servers
+    results["targets"] = report.targets(results)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    report.plot(results, out / "bench.png")
+    report.print_all(results, Console())
+    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""One load-generating process: closed-loop callers on grpc.aio, timings out as one JSON line.
+
+The orchestrator starts several of these at once (`--start-at`, a shared wall-clock instant) so
+the load generator is never one Python process competing with the server it measures. Requests
+are serialized once up front and replies are kept as bytes; only a sample is parsed afterwards
+(correctness and the server's batching telemetry), so the per-call client cost is gRPC's own.
+
+    python -m bench.load --target 127.0.0.1:50051 --call classify --images 1 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from digit_recognizer.protos import digits_pb2, inference_pb2
+
+CALLS = ("classify", "stream", "infer")
+SAMPLE_EVERY = 16  # replies kept for parsing: one in this many
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Load:
+    target: str
+    call: str  # classify | stream (digits.v1) | infer (Open Inference Protocol ModelInfer)
+    images: int  # per request
+    concurrency: int  # callers in this process
+    warmup_s: float
+    duration_s: float
+    start_at: float  # time.time() at which every process starts calling
+    samples: str  # .npz with `images` (N, 784) float32 and `expected` digits (N,)
+    model_name: str = ""
+    check: bool = True  # parse a sample of replies and compare them with `expected`
+    input_name: str = "pixels"
+    output_name: str = "probabilities"
+
+
+def sample_images(samples: str, count: int) -> tuple[np.ndarray, list[int]]:
+    """The first `count` images of the orchestrator's samples file and the digits the model
+    gives them in-process, so every checked reply can be marked right or wrong."""
+    with np.load(samples) as data:
+        images, labels = data["images"], data["expected"]
+    if len(images) < count:
+        raise SystemExit(f"{samples} holds {len(images)} images; {count} are needed")
+    return images[:count].astype(np.float32), labels[:count].tolist()
+
+
+def build_request(load: Load, images: np.ndarray) -> bytes:
+    if load.call == "infer":
+        request = inference_pb2.ModelInferRequest(
+            model_name=load.model_name,
+            inputs=[
+                inference_pb2.ModelInferRequest.InferInputTensor(
+                    name=load.input_name, datatype="FP32", shape=list(images.shape)
+                )
+            ],
+            outputs=[
+                inference_pb2.ModelInferRequest.InferRequestedOutputTensor(name=load.output_name)
+            ],
+            raw_input_contents=[images.astype("<f4").tobytes()],
+        )
+    else:
+        request = digits_pb2.ClassifyRequest(pixels_f32le=images.astype("<f4").tobytes())
+    return request.SerializeToString()
+
+
+def predicted_digits(load: Load, reply: bytes) -> tuple[list[int], int | None]:
+    """The digits in a reply and, for digits.v1, the executed batch size it reports."""
+    if load.call == "infer":
+        response = inference_pb2.ModelInferResponse.FromString(reply)
+        if response.raw_output_contents:
+            probabilities = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+        else:
+            probabilities = np.asarray(response.outputs[0].contents.fp32_contents, np.float32)
+        return probabilities.reshape(-1, 10).argmax(axis=1).tolist(), None
+    if load.call == "stream":
+        stream_reply = digits_pb2.ClassifyStreamResponse.FromString(reply)
+        if stream_reply.HasField("error"):
+            raise RuntimeError(f"stream error {stream_reply.error.message}")
+        response = stream_reply.response
+    else:
+        response = digits_pb2.ClassifyResponse.FromString(reply)
+    return [p.digit for p in response.predictions], response.telemetry.batch_size
+
+
+Call = Callable[[], Awaitable[bytes]]
+
+
+async def open_caller(load: Load, channel: grpc.aio.Channel, request: bytes) -> Call:
+    """A coroutine function making one request; bytes in, bytes out (no codec on the clock)."""
+    if load.call == "infer":
+        unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        return lambda: unary(request)
+    if load.call == "classify":
+        unary = channel.unary_unary("/digits.v1.DigitClassifier/Classify")
+        return lambda: unary(request)
+    # One bidirectional stream per caller, ping-pong: the same closed loop as unary calls.
+    stream = channel.stream_stream("/digits.v1.DigitClassifier/ClassifyStream")()
+
+    async def exchange() -> bytes:
+        await stream.write(request)
+        reply = await stream.read()
+        if reply is grpc.aio.EOF:
+            raise RuntimeError("the stream ended")
+        return reply
+
+    return exchange
+
+
+async def run(load: Load) -> dict:
+    images, labels = sample_images(load.samples, load.images)
+    request = build_request(load, images)
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    latencies: list[float] = []
+    samples: list[bytes] = []
+    errors: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(load.target, options=options) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        callers = [await open_caller(load, channel, request) for _ in range(load.concurrency)]
+        await asyncio.sleep(max(0.0, load.start_at - time.time()))
+        measure_from = time.perf_counter() + load.warmup_s
+        stop_at = measure_from + load.duration_s
+        cpu_at_start: list[float] = []
+
+        async def caller(call: Call) -> None:
+            count = 0
+            while (started := time.perf_counter()) < stop_at:
+                try:
+                    reply = await call()
+                except grpc.aio.AioRpcError as exc:
+                    if started >= measure_from:
+                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    await asyncio.sleep(0.001)  # an erroring server must not become a spin
+                    continue
+                finished = time.perf_counter()
+                if measure_from <= started and finished <= stop_at:
+                    latencies.append(finished - started)
+                    count += 1
+                    if load.check and count % SAMPLE_EVERY == 1:
+                        samples.append(reply)
+
+        async def mark_cpu() -> None:
+            await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+            cpu_at_start.append(_cpu_s())
+
+        tasks = [asyncio.create_task(caller(call)) for call in callers]
+        marker = asyncio.create_task(mark_cpu())
+        await asyncio.gather(*tasks)
+        await marker
+        cpu_s = _cpu_s() - cpu_at_start[0]
+    wrong = 0
+    batch_sizes: list[int] = []
+    for reply in samples:
+        digits, batch_size = predicted_digits(load, reply)
+        wrong += sum(d != want for d, want in zip(digits, labels, strict=True))
+        if batch_size is not None:
+            batch_sizes.append(batch_size)
+    return {
+        "latencies_s": latencies,
+        "errors": errors,
+        "checked_replies": len(samples),
+        "wrong_digits": wrong,
+        "batch_sizes": batch_sizes,
+        "cpu_s": cpu_s,
+        "duration_s": load.duration_s,
+    }
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--call", choices=CALLS, default="classify")
+    parser.add_argument("--images", type=int, default=1, help="images per request")
+    parser.add_argument("--concurrency", type=int, default=1, help="callers in this process")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds not measured")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured")
+    parser.add_argument("--start-at", type=float, default=0.0, help="time.time() to start")
+    parser.add_argument("--samples", required=True, help=".npz: images, expected digits")
+    parser.add_argument("--model-name", default="", help="for --call infer")
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="do not compare replies with the expected digits",
+    )
+    parser.add_argument("--input-name", default="pixels")
+    parser.add_argument("--output-name", default="probabilities")
+    args = parser.parse_args(argv)
+    load = Load(
+        target=args.target,
+        call=args.call,
+        images=args.images,
+        concurrency=args.concurrency,
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+        start_at=args.start_at or time.time(),
+        samples=args.samples,
+        model_name=args.model_name,
+        check=args.check,
+        input_name=args.input_name,
+        output_name=args.output_name,
+    )
+    json.dump(asyncio.run(run(load)), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The bench's verdicts (targets), its tables and its plot, all from the bench.json dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.measure import Measurement
+
+PEER_KEYS = ("kserve", "mlserver", "mlserver-0", "pytriton")
+OURS = "default"
+
+
+def one_line(m: Measurement) -> str:
+    batch = f", mean batch {m.mean_batch:.1f}" if m.mean_batch is not None else ""
+    errors = f", errors {m.errors}" if m.errors else ""
+    return (
+        f"{m.requests_per_s:,.0f} req/s, {m.images_per_s:,.0f} images/s, p50 {m.p50_ms:.2f} ms, "
+        f"p99 {m.p99_ms:.2f} ms{batch}; cpu server {m.server_cpu:.2f} clients "
+        f"{m.client_cpu:.2f} ({m.limit}){errors}"
+    )
+
+
+def find(results: dict, key: str, workload: str, concurrency: int | None = None) -> dict | None:
+    for run in results["runs"]:
+        same = run["key"] == key and run["workload"] == workload
+        if same and (concurrency is None or run["concurrency"] == concurrency):
+            return run
+    return None
+
+
+def ceiling_images_per_s(results: dict) -> float:
+    return max(row["images_per_s"] for row in results["ceiling"]["best"].values())
+
+
+def targets(results: dict) -> list[dict]:
+    """Each goal of the benchmark issue, with the measured ratio and whether it was met."""
+    goals: list[dict] = []
+
+    def goal(name: str, value: float | None, wanted: str, met: bool | None) -> None:
+        goals.append({"goal": name, "value": value, "wanted": wanted, "met": met})
+
+    ours64 = find(results, OURS, "single", 64)
+    floor64 = find(results, "floor", "single", 64)
+    if ours64 and floor64:
+        ratio = ours64["requests_per_s"] / floor64["requests_per_s"]
+        goal("single Classify, 64 callers: req/s vs floor", ratio, ">= 0.90", ratio >= 0.9)
+    ours1, floor1 = find(results, OURS, "single", 1), find(results, "floor", "single", 1)
+    if ours1 and floor1:
+        extra = ours1["p50_ms"] - floor1["p50_ms"]
+        goal("idle p50 (1 caller): ms above the floor's p50", extra, "<= 0.30", extra <= 0.3)
+    bulk = find(results, OURS, "bulk")
+    if bulk:
+        ratio = bulk["images_per_s"] / ceiling_images_per_s(results)
+        goal("bulk 256-image raw requests: images/s vs onnxruntime ceiling", ratio, ">= 0.50",
+             ratio >= 0.5)  # fmt: skip
+    off = find(results, "batching-off", "single", 64)
+    if ours64 and off:
+        ratio = ours64["requests_per_s"] / off["requests_per_s"]
+        goal("batching on vs off, 64 callers: req/s ratio", ratio, ">= 1.00", ratio >= 1.0)
+    peers64 = [run for key in PEER_KEYS if (run := find(results, key, "single", 64)) is not None]
+    if ours64 and peers64:
+        best = max(peers64, key=lambda run: run["requests_per_s"])
+        ratio = ours64["requests_per_s"] / best["requests_per_s"]
+        goal(f"64 callers: req/s vs best peer ({best['server']})", ratio, ">= 1.40", ratio >= 1.4)
+        lowest = min(run["p99_ms"] for run in peers64)
+        goal("64 callers: p99 ms vs lowest peer p99", ours64["p99_ms"] / lowest, "< 1.00",
+             ours64["p99_ms"] < lowest)  # fmt: skip
+    peer_bulk = [run for key in PEER_KEYS if (run := find(results, key, "bulk")) is not None]
+    if bulk and peer_bulk:
+        best = max(peer_bulk, key=lambda run: run["images_per_s"])
+        ratio = bulk["images_per_s"] / best["images_per_s"]
+        goal(f"bulk images/s vs best peer ({best['server']})", ratio, "> 1.00", ratio > 1.0)
+    stream = find(results, OURS, "stream", 64)
+    if stream and peers64:
+        best = max(peers64, key=lambda run: run["requests_per_s"])
+        ratio = stream["requests_per_s"] / best["requests_per_s"]
+        goal("ClassifyStream, 64 callers: msg/s vs best peer's unary req/s", ratio, "> 1.00",
+             ratio > 1.0)  # fmt: skip
+    return goals
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def runs_table(results: dict) -> Table:
+    table = Table(title="Load runs (single = 1 image per request; bulk = 256 raw f32 images)")
+    for column in ("server", "load", "callers", "req/s", "images/s", "p50 ms", "p90 ms",
+                   "p99 ms", "batch", "cpu srv", "cpu cli", "limit", "errors"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("server", "load") else "right")
+    for run in results["runs"]:
+        errors = sum(run["errors"].values()) + run["wrong_digits"]
+        table.add_row(
+            run["server"],
+            f"{run['workload']} ({run['call']})",
+            str(run["concurrency"]),
+            _fmt(run["requests_per_s"]),
+            _fmt(run["images_per_s"]),
+            _fmt(run["p50_ms"], 2),
+            _fmt(run["p90_ms"], 2),
+            _fmt(run["p99_ms"], 2),
+            _fmt(run["mean_batch"], 1),
+            _fmt(run["server_cpu"], 2),
+            _fmt(run["client_cpu"], 2),
+            run["limit"],
+            str(errors),
+        )
+    return table
+
+
+def ceiling_table(results: dict) -> Table:
+    table = Table(title="Compute ceiling: onnxruntime in-process (images/s)")
+    table.add_column("batch", justify="right")
+    threads = sorted({row["threads"] for row in results["ceiling"]["rows"]})
+    for count in threads:
+        table.add_column(f"{count} thread(s)", justify="right")
+    for batch in results["ceiling"]["best"]:
+        rates = {
+            row["threads"]: row["images_per_s"]
+            for row in results["ceiling"]["rows"]
+            if str(row["batch"]) == batch
+        }
+        table.add_row(batch, *(_fmt(rates.get(count)) for count in threads))
+    return table
+
+
+def targets_table(results: dict) -> Table:
+    table = Table(title="Targets")
+    for column in ("goal", "measured", "wanted", "met"):
+        table.add_column(column, justify="left" if column == "goal" else "right")
+    for goal in results["targets"]:
+        met = {True: "[green]yes[/]", False: "[red]NO[/]", None: "-"}[goal["met"]]
+        table.add_row(goal["goal"], _fmt(goal["value"], 2), goal["wanted"], met)
+    return table
+
+
+def print_all(results: dict, console: Console) -> None:
+    m = results["machine"]
+    console.print(
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; python {m['python']}, "
+        f"grpcio {m['grpcio']}, onnxruntime {m['onnxruntime']}; {m['date']}"
+    )
+    console.print(ceiling_table(results))
+    console.print(runs_table(results))
+    console.print(targets_table(results))
+    for key, why in results.get("skipped", {}).items():
+        console.print(f"[red]skipped {key}[/]: {why}")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Three panels: single-image req/s and p50/p99 latency vs callers, bulk images/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rate_ax, latency_ax, bulk_ax) = plt.subplots(1, 3, figsize=(17, 5.2))
+    servers: dict[str, list[dict]] = {}
+    for run in results["runs"]:
+        if run["workload"] == "single":
+            servers.setdefault(run["server"], []).append(run)
+    for index, (name, runs) in enumerate(servers.items()):
+        if len(runs) < 2:
+            continue
+        runs.sort(key=lambda run: run["concurrency"])
+        callers = [run["concurrency"] for run in runs]
+        color = f"C{index}"
+        style = "--" if "floor" in name else "-"
+        rate_ax.plot(callers, [r["requests_per_s"] for r in runs], style, marker="o",
+                     color=color, label=name)  # fmt: skip
+        latency_ax.plot(callers, [r["p50_ms"] for r in runs], style, marker="o", color=color,
+                        label=f"{name} p50")  # fmt: skip
+        latency_ax.plot(callers, [r["p99_ms"] for r in runs], ":", marker="x", color=color,
+                        label=f"{name} p99")  # fmt: skip
+    for ax in (rate_ax, latency_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent callers (single-image requests)")
+        ax.grid(True, which="both", alpha=0.3)
+    rate_ax.set_ylabel("requests/s")
+    rate_ax.set_title("Throughput")
+    rate_ax.legend(fontsize=8)
+    latency_ax.set_yscale("log")
+    latency_ax.set_ylabel("latency (ms)")
+    latency_ax.set_title("Latency p50 (solid) and p99 (dotted)")
+    latency_ax.legend(fontsize=6, ncol=2)
+    bulk = [run for run in results["runs"] if run["workload"] == "bulk"]
+    names = ["onnxruntime ceiling"] + [run["server"] for run in bulk]
+    rates = [ceiling_images_per_s(results)] + [run["images_per_s"] for run in bulk]
+    bulk_ax.barh(names, rates, color=["grey"] + [f"C{i % 10}" for i in range(len(bulk))])
+    bulk_ax.invert_yaxis()
+    bulk_ax.set_xlabel("images/s (256-image requests, 4 callers)")
+    bulk_ax.set_title("Bulk")
+    bulk_ax.tick_params(axis="y", labelsize=8)
+    m = results["machine"]
+    figure.suptitle(f"digit-recognizer bench: {m['cpu']}, {m['cores']} cores ({m['date'][:10]})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
