@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
 SERVE_ARGS ?= --plaintext
 
-.PHONY: run serve test setup train train-best lint protos quick-bench docker-test soak browser-test clean
+.PHONY: run serve test setup train train-best lint protos bench docker-test soak browser-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,10 @@ soak: setup
 docker-test: setup
 	scripts/docker_smoke.sh
 
-quick-bench: $(MODEL)
-	scripts/quick_bench.sh $(MODEL) 5
+# ~12 min: this server vs its onnxruntime ceiling, a bare grpc.aio floor, KServe, MLServer and
+# Triton (each installed once into ~/.cache/digit-recognizer/peer-*). README "Performance".
+bench: $(MODEL)
+	$(BIN)/python -m bench --model $(MODEL) --out reports/bench $(BENCH_ARGS)
 
 train: setup
 	$(BIN)/digit-train --output $(MODEL) $(TRAIN_ARGS)

@@ -5,6 +5,7 @@ python -m bench --model models/model.onnx --out reports/bench
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -123,6 +124,19 @@ def machine() -> dict:
     }
 
 
+def median_run(runs: list[Measurement]) -> dict:
+    """The round with the median requests/s (the lower middle for an even count), with every
+    round's figure kept beside it."""
+    ordered = sorted(runs, key=lambda run: run.requests_per_s)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    return {**chosen.as_dict(), "rounds_requests_per_s": [run.requests_per_s for run in runs]}
+
+
+def group(workload: Workload) -> tuple[str, int, int]:
+    """Workloads compared with each other, whatever protocol each server speaks."""
+    return (workload.name, workload.images, workload.concurrency)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model",
@@ -144,7 +158,11 @@ def machine() -> dict:
     help="MNIST directory (default: $MNIST_DATA_DIR, else ../shared/mnist)",
 )
 @click.option(
-    "--duration", type=float, default=5.0, show_default=True, help="measured seconds per load"
+    "--duration",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="measured seconds per load and round",
 )
 @click.option(
     "--warmup",
@@ -152,6 +170,13 @@ def machine() -> dict:
     default=1.0,
     show_default=True,
     help="unmeasured seconds before each load",
+)
+@click.option(
+    "--rounds",
+    type=int,
+    default=3,
+    show_default=True,
+    help="every load is run this many times, servers interleaved; the median counts",
 )
 @click.option(
     "--clients",
@@ -174,10 +199,14 @@ def machine() -> dict:
 )
 @click.option("--quick", is_flag=True, help="1 and 64 callers only (for smoke tests)")
 def main(
-    model: Path, out: Path, data_dir: str | None, duration: float, warmup: float, clients: int,
-    only: tuple[str, ...], peers: bool, quick: bool,
+    model: Path, out: Path, data_dir: str | None, duration: float, warmup: float, rounds: int,
+    clients: int, only: tuple[str, ...], peers: bool, quick: bool,
 ) -> None:  # fmt: skip
-    """Measure this server against its compute ceiling, its transport floor and its peers."""
+    """Measure this server against its compute ceiling, its transport floor and its peers.
+
+    Every server is started first and stays up; each load then runs against each server in
+    turn, for several rounds, so that slow drifts of a shared machine hit all of them alike.
+    """
     out.mkdir(parents=True, exist_ok=True)
     try:
         loaded = load_model(model, InferenceOptions(provider="cpu"))
@@ -188,44 +217,72 @@ def main(
     cores = os.cpu_count() or 1
     results: dict = {
         "machine": machine(),
-        "model": str(model),
-        "settings": {"duration_s": duration, "warmup_s": warmup, "clients": clients},
+        "model": {"path": str(model), "name": loaded.card.name, "version": loaded.card.version},
+        "settings": {
+            "duration_s": duration, "warmup_s": warmup, "rounds": rounds, "clients": clients,
+        },
         "runs": [],
         "skipped": {},
-    }
+        "idle_cpu": {},
+    }  # fmt: skip
     console.print("[bold]compute ceiling[/]: onnxruntime in-process")
     ceiling = subprocess.run(
         [sys.executable, "-m", "bench.ceiling", str(model), "--seconds", str(min(duration, 2.0))],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     results["ceiling"] = json.loads(ceiling.stdout)
-    for key, workloads in plan(quick):
-        if (only and key not in only) or (not peers and key in report.PEER_KEYS):
-            continue
-        port = servers.free_port()
-        try:
-            server = make_server(key, model, loaded.card.name, port, out / "work")
-            with servers.running(server, port, out / "logs", images) as running:
-                for workload in workloads:
-                    console.print(
-                        f"[bold]{server.name}[/]: {workload.name} x{workload.images}, "
-                        f"{workload.concurrency} callers"
-                    )
-                    result: Measurement = measure(
-                        running, workload, samples=samples, clients=clients,
-                        warmup_s=warmup, duration_s=duration, cores=cores,
-                    )  # fmt: skip
-                    results["runs"].append({"key": key, **result.as_dict()})
-                    console.print("  " + report.one_line(result))
-        except (VenvError, servers.ServerFailed) as exc:
-            console.print(f"[red]{key} skipped[/]: {exc}")
-            results["skipped"][key] = str(exc)
-        time.sleep(1)  # let the port and the CPU settle between servers
+    wanted = [
+        (key, workloads)
+        for key, workloads in plan(quick)
+        if (not only or key in only) and (peers or key not in report.PEER_KEYS)
+    ]
+    with contextlib.ExitStack() as stack:
+        live: dict[str, tuple[servers.Running, list[Workload]]] = {}
+        for key, workloads in wanted:
+            port = servers.free_port()
+            try:
+                server = make_server(key, model, loaded.card.name, port, out / "work")
+                console.print(f"starting {server.name}")
+                running = stack.enter_context(servers.running(server, port, out / "logs", images))
+            except (VenvError, servers.ServerFailed) as exc:
+                console.print(f"[red]{key} skipped[/]: {exc}")
+                results["skipped"][key] = str(exc)
+                continue
+            live[key] = (running, workloads)
+        results["idle_cpu"] = idle_cpu({key: running for key, (running, _) in live.items()})
+        groups = list(dict.fromkeys(group(w) for _, workloads in wanted for w in workloads))
+        measured: dict[tuple[str, Workload], list[Measurement]] = {}
+        for round_number in range(1, rounds + 1):
+            for wanted_group in groups:
+                for key, (running, workloads) in live.items():
+                    for workload in workloads:
+                        if group(workload) != wanted_group:
+                            continue
+                        result = measure(
+                            running, workload, samples=samples, clients=clients,
+                            warmup_s=warmup, duration_s=duration, cores=cores,
+                        )  # fmt: skip
+                        measured.setdefault((key, workload), []).append(result)
+                        console.print(
+                            f"round {round_number}/{rounds} [bold]{running.server.name}[/] "
+                            f"{workload.name} x{workload.images} c{workload.concurrency}: "
+                            + report.one_line(result)
+                        )
+    for (key, _), runs in measured.items():
+        results["runs"].append({"key": key, **median_run(runs)})
     results["targets"] = report.targets(results)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     report.plot(results, out / "bench.png")
-    report.print_all(results, Console())
-    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    (out / "bench.md").write_text(report.markdown(results))
+    report.print_all(results, Console(width=200))
+    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
+
+
+def idle_cpu(live: dict[str, servers.Running], seconds: float = 2.0) -> dict[str, float]:
+    """Cores each started server burns while nobody calls it (they all stay up together)."""
+    before = {key: running.cpu_s() for key, running in live.items()}
+    time.sleep(seconds)
+    return {key: (running.cpu_s() - before[key]) / seconds for key, running in live.items()}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench.servers import Running
 
-STARTUP_S = 2.5  # for the load processes to import grpc and connect before the shared start
+STARTUP_S = 1.5  # for the load processes to import grpc and connect before the shared start
 SATURATED = 0.9  # a process using this share of one core or more is the bottleneck
 
 

@@ -114,7 +114,7 @@ def runs_table(results: dict) -> Table:
 def ceiling_table(results: dict) -> Table:
     table = Table(title="Compute ceiling: onnxruntime in-process (images/s)")
     table.add_column("batch", justify="right")
-    threads = sorted({row["threads"] for row in results["ceiling"]["rows"]})
+    threads = _threads(results)
     for count in threads:
         table.add_column(f"{count} thread(s)", justify="right")
     for batch in results["ceiling"]["best"]:
@@ -199,3 +199,49 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def markdown(results: dict) -> str:
+    """The same three tables for the README."""
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; "
+        f"python {m['python']}, grpcio {m['grpcio']}, onnxruntime {m['onnxruntime']}; "
+        f"{m['date']}. Medians of {results['settings']['rounds']} interleaved rounds of "
+        f"{results['settings']['duration_s']:g} s; load from up to "
+        f"{results['settings']['clients']} client processes on the same machine.",
+        "",
+        "| batch | " + " | ".join(f"ort {c} thread(s)" for c in _threads(results)) + " |",
+        "| ---: |" + " ---: |" * len(_threads(results)),
+    ]
+    for batch in results["ceiling"]["best"]:
+        rates = {
+            row["threads"]: row["images_per_s"]
+            for row in results["ceiling"]["rows"]
+            if str(row["batch"]) == batch
+        }
+        lines.append(f"| {batch} | " + " | ".join(_fmt(rates.get(c)) for c in _threads(results)))
+    lines += [
+        "",
+        "| server | load | callers | req/s | images/s | p50 ms | p90 ms | p99 ms | batch "
+        "| cpu server | cpu clients | limit | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for run in results["runs"]:
+        errors = sum(run["errors"].values()) + run["wrong_digits"]
+        lines.append(
+            f"| {run['server']} | {run['workload']} ({run['call']}) | {run['concurrency']} "
+            f"| {_fmt(run['requests_per_s'])} | {_fmt(run['images_per_s'])} "
+            f"| {_fmt(run['p50_ms'], 2)} | {_fmt(run['p90_ms'], 2)} | {_fmt(run['p99_ms'], 2)} "
+            f"| {_fmt(run['mean_batch'], 1)} | {_fmt(run['server_cpu'], 2)} "
+            f"| {_fmt(run['client_cpu'], 2)} | {run['limit']} | {errors} |"
+        )
+    lines += ["", "| goal | measured | wanted | met |", "| --- | ---: | ---: | --- |"]
+    for goal in results["targets"]:
+        met = {True: "yes", False: "**no**", None: "-"}[goal["met"]]
+        lines.append(f"| {goal['goal']} | {_fmt(goal['value'], 2)} | {goal['wanted']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _threads(results: dict) -> list[int]:
+    return sorted({row["threads"] for row in results["ceiling"]["rows"]})

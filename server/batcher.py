@@ -6,6 +6,13 @@ batches from the head of the queue: up to `max_batch_size` images, waiting at mo
 soon as the model is free, so an idle server adds no latency). A request larger than the room
 left in a batch is split across consecutive batches and reassembled in order.
 
+Short runs (expected to take at most `inline_max_us`, judged from the last run's time per
+image) execute on the event loop's own thread: for them the hand-off to a worker thread (a
+wake-up each way plus a GIL hand-back while the loop is busy) costs more than the run itself.
+Longer runs, the first run, and the first after a swap go to the worker thread, so the loop
+keeps receiving requests while onnxruntime (which releases the GIL) computes, and a slow
+model never stalls the loop.
+
 The queue is bounded in images (`max_queue_size`): past it `submit` raises `Overloaded` at
 once. Callers that cancelled, or whose deadline passed while queued, are skipped and never
 computed. A failed model run fails every caller in it with `BatchFailed`; the worker goes on.
@@ -37,6 +44,7 @@ class BatcherLimits:
     max_batch_size: int = 256
     max_delay_us: int = 0
     max_queue_size: int = 4096
+    inline_max_us: int = 250  # runs expected to be this short stay on the loop; 0 = never
 
     def validate(self) -> list[str]:
         """Problems as "<field> must ...", one per line; empty when the limits are usable."""
@@ -47,6 +55,8 @@ class BatcherLimits:
             problems.append(f"max_delay_us must be >= 0, got {self.max_delay_us}")
         if self.max_queue_size < 1:
             problems.append(f"max_queue_size must be at least 1, got {self.max_queue_size}")
+        if self.inline_max_us < 0:
+            problems.append(f"inline_max_us must be >= 0, got {self.inline_max_us}")
         return problems
 
 
@@ -119,6 +129,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._accepting = True
         self._worker: asyncio.Task[None] | None = None
+        self._run_s_per_image: float | None = None  # the last run's; None: not measured yet
 
     @property
     def queued_images(self) -> int:
@@ -131,6 +142,7 @@ class Batcher:
     def swap(self, predict: Predict, version: str) -> None:
         """Use another model from the next run on; the run in progress finishes on the old."""
         self._predict, self._version = predict, version
+        self._run_s_per_image = None  # its speed is unknown until it has run once
 
     def start(self) -> None:
         if self._worker is None:
@@ -246,7 +258,10 @@ class Batcher:
             if pending.first_run is None:
                 pending.first_run = started
         try:
-            outputs = await loop.run_in_executor(self._executor, predict, batch)
+            if self._runs_inline(len(batch)):
+                outputs = predict(batch)
+            else:
+                outputs = await loop.run_in_executor(self._executor, predict, batch)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
         except Exception:
@@ -260,6 +275,7 @@ class Batcher:
                 self._fail(pending, error)
             return
         elapsed = loop.time() - started
+        self._run_s_per_image = elapsed / len(batch)
         self._on_batch(BatchEvent(len(batch), _us(elapsed), failed=False))
         offset = 0
         for pending, start, stop in segments:
@@ -273,6 +289,11 @@ class Batcher:
                 pending.versions.append(version)
             if stop == len(pending.images) and not pending.future.done():
                 pending.future.set_result(self._result(pending))
+
+    def _runs_inline(self, images: int) -> bool:
+        if self._run_s_per_image is None:
+            return False
+        return self._run_s_per_image * images * 1e6 <= self.limits.inline_max_us
 
     def _fail(self, pending: _Pending, error: Exception) -> None:
         if pending in self._queue:  # the rest of a split request must not run either

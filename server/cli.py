@@ -69,6 +69,15 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     help="Images queued before new requests get RESOURCE_EXHAUSTED.",
 )
 @click.option(
+    "--inline-max-us",
+    type=int,
+    default=_DEFAULTS.inline_max_us,
+    show_envvar=True,
+    help="Model runs expected (from the last run) to take at most this many microseconds "
+    "execute on the event loop thread, cheaper than a thread hand-off; longer ones on a "
+    "worker thread. 0 = always the worker thread.",
+)
+@click.option(
     "--max-images-per-request",
     type=int,
     default=_DEFAULTS.max_images_per_request,

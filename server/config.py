@@ -23,6 +23,7 @@ class ServerConfig:
     max_batch_size: int = 256
     max_delay_us: int = 0
     max_queue_size: int = 4096
+    inline_max_us: int = 250
     max_images_per_request: int = 1024
     intra_op_threads: int = 0
     spin_wait: bool = False
@@ -48,7 +49,9 @@ class ServerConfig:
 
     @property
     def batcher_limits(self) -> BatcherLimits:
-        return BatcherLimits(self.max_batch_size, self.max_delay_us, self.max_queue_size)
+        return BatcherLimits(
+            self.max_batch_size, self.max_delay_us, self.max_queue_size, self.inline_max_us
+        )
 
     @property
     def inference(self) -> InferenceOptions:

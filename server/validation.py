@@ -83,10 +83,10 @@ def _decode(encoding: str, raw: bytes | object) -> np.ndarray:
 
 
 def _check_range(encoding: str, pixels: np.ndarray) -> None:
-    # One vectorised pass: `not (0 <= x <= 1)` is also true for NaN.
-    bad = ~((pixels >= 0.0) & (pixels <= 1.0))
-    if not bad.any():
+    # Fast path: two reductions. NaN propagates through min/max and fails both comparisons.
+    if pixels.min() >= 0.0 and pixels.max() <= 1.0:
         return
+    bad = ~((pixels >= 0.0) & (pixels <= 1.0))  # `not (0 <= x <= 1)` is also true for NaN
     violations = []
     for image in np.flatnonzero(bad.any(axis=1))[:10]:
         index = int(np.flatnonzero(bad[image])[0])

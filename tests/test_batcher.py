@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -50,6 +51,9 @@ async def model():
 
 
 async def make(model, **limits) -> Batcher:
+    """Every run on the worker thread unless a test says otherwise: the gated fake model
+    blocks its caller, which must not be the event loop."""
+    limits.setdefault("inline_max_us", 0)
     batcher = Batcher(model, BatcherLimits(**limits))
     batcher.start()
     return batcher
@@ -61,6 +65,53 @@ async def test_idle_server_runs_a_single_request_at_once(model):
     assert result.outputs.tolist() == [[6.0]]
     assert (result.batch_size, result.batches) == (1, 1)
     await batcher.close()
+
+
+async def test_short_runs_move_to_the_loop_thread_once_measured_and_long_ones_never():
+    threads: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        if batch[0, 0] < 0:  # a slow model: 20 ms per run, past the 10 ms budget
+            time.sleep(0.02)
+        return batch * 2
+
+    batcher = Batcher(predict, BatcherLimits(max_batch_size=8, inline_max_us=10_000))
+    batcher.start()
+    for value in (1, 2, 3):
+        assert (await batcher.submit(ids(value))).outputs.item() == value * 2
+    loop_thread = threading.get_ident()
+    # The first run is measured on the worker thread; the model proved fast, so the next
+    # ones stay on the loop.
+    assert threads[0] != loop_thread and threads[1:] == [loop_thread, loop_thread]
+    await batcher.submit(ids(-1))  # runs inline (unknown to be slow), measured slow
+    await batcher.submit(ids(-1))
+    assert threads[-1] != loop_thread
+    batcher.swap(predict, "2")  # a new model is measured again, off the loop
+    await batcher.submit(ids(4))
+    assert threads[-1] != loop_thread
+    await batcher.close()
+
+
+async def test_a_failing_inline_run_fails_its_callers_and_the_worker_goes_on():
+    failures = iter([None, RuntimeError("boom")])
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        if (error := next(failures, None)) is not None:
+            raise error
+        return batch * 2
+
+    batcher = Batcher(predict, BatcherLimits(inline_max_us=1_000_000))
+    batcher.start()
+    assert (await batcher.submit(ids(1))).outputs.item() == 2  # measured: fast
+    with pytest.raises(BatchFailed):
+        await batcher.submit(ids(1))  # inline, raises
+    assert (await batcher.submit(ids(5))).outputs.item() == 10
+    await batcher.close()
+
+
+def test_limits_refuse_a_negative_inline_budget():
+    assert BatcherLimits(inline_max_us=-1).validate() == ["inline_max_us must be >= 0, got -1"]
 
 
 async def test_flushes_when_the_batch_is_full_without_waiting_the_delay(model):
@@ -149,7 +200,9 @@ async def test_a_failed_part_of_a_split_request_stops_the_rest(model):
 
 async def test_cancelled_callers_are_never_computed(model):
     skipped: list[str] = []
-    batcher = Batcher(model, BatcherLimits(max_batch_size=8), on_skip=skipped.append)
+    batcher = Batcher(
+        model, BatcherLimits(max_batch_size=8, inline_max_us=0), on_skip=skipped.append
+    )
     batcher.start()
     model.hold()
     blocker = asyncio.ensure_future(batcher.submit(ids(0)))
@@ -168,7 +221,9 @@ async def test_cancelled_callers_are_never_computed(model):
 
 async def test_expired_callers_get_deadline_exceeded_and_are_never_computed(model):
     skipped: list[str] = []
-    batcher = Batcher(model, BatcherLimits(max_batch_size=8), on_skip=skipped.append)
+    batcher = Batcher(
+        model, BatcherLimits(max_batch_size=8, inline_max_us=0), on_skip=skipped.append
+    )
     batcher.start()
     model.hold()
     blocker = asyncio.ensure_future(batcher.submit(ids(0)))
@@ -206,7 +261,9 @@ async def test_full_queue_rejects_at_once_and_accepted_work_completes(model):
 
 async def test_close_finishes_accepted_work_then_refuses_new(model):
     events: list[BatchEvent] = []
-    batcher = Batcher(model, BatcherLimits(max_batch_size=2), on_batch=events.append)
+    batcher = Batcher(
+        model, BatcherLimits(max_batch_size=2, inline_max_us=0), on_batch=events.append
+    )
     batcher.start()
     model.hold()
     accepted = [asyncio.ensure_future(batcher.submit(ids(i))) for i in range(5)]

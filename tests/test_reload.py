@@ -96,7 +96,9 @@ async def test_a_swap_takes_effect_between_runs_and_split_requests_report_both()
 
         return predict
 
-    batcher = Batcher(model("v1", block=True), BatcherLimits(max_batch_size=2), version="v1")
+    batcher = Batcher(
+        model("v1", block=True), BatcherLimits(max_batch_size=2, inline_max_us=0), version="v1"
+    )
     batcher.start()
     split = asyncio.ensure_future(batcher.submit(np.arange(4, dtype=np.float32).reshape(4, 1)))
     while not calls:
