@@ -6,12 +6,14 @@ batches from the head of the queue: up to `max_batch_size` images, waiting at mo
 soon as the model is free, so an idle server adds no latency). A request larger than the room
 left in a batch is split across consecutive batches and reassembled in order.
 
-Short runs (expected to take at most `inline_max_us`, judged from the last run's time per
-image) execute on the event loop's own thread: for them the hand-off to a worker thread (a
-wake-up each way plus a GIL hand-back while the loop is busy) costs more than the run itself.
+Short runs (expected to take at most `inline_max_us`, judged from the time the last run
+spent in the model) execute on the event loop's own thread: for them the hand-off to a worker
+thread (a wake-up each way plus a GIL hand-back while the loop is busy) costs more than the
+run itself.
 Longer runs, the first run, and the first after a swap go to the worker thread, so the loop
 keeps receiving requests while onnxruntime (which releases the GIL) computes, and a slow
-model never stalls the loop.
+model never stalls the loop. When nothing is queued or running and the run is short, `submit`
+computes at once in its caller's turn: what the worker would do next, minus two task switches.
 
 The queue is bounded in images (`max_queue_size`): past it `submit` raises `Overloaded` at
 once. Callers that cancelled, or whose deadline passed while queued, are skipped and never
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -129,7 +132,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._accepting = True
         self._worker: asyncio.Task[None] | None = None
-        self._run_s_per_image: float | None = None  # the last run's; None: not measured yet
+        self._last_run: tuple[int, float] | None = None  # (images, seconds in predict)
+        self._running = False  # a model run is in progress (on the worker thread)
 
     @property
     def queued_images(self) -> int:
@@ -142,7 +146,7 @@ class Batcher:
     def swap(self, predict: Predict, version: str) -> None:
         """Use another model from the next run on; the run in progress finishes on the old."""
         self._predict, self._version = predict, version
-        self._run_s_per_image = None  # its speed is unknown until it has run once
+        self._last_run = None  # its speed is unknown until it has run once
 
     def start(self) -> None:
         if self._worker is None:
@@ -161,6 +165,8 @@ class Batcher:
                 f"waiting, this request adds {n}); retry after a back-off"
             )
         loop = asyncio.get_running_loop()
+        if self._can_run_now(n, deadline, loop.time()):
+            return self._run_now(images)
         pending = _Pending(images, loop.create_future(), deadline, loop.time())
         self._queue.append(pending)
         self._queued_images += n
@@ -257,25 +263,21 @@ class Batcher:
         for pending, _, _ in segments:
             if pending.first_run is None:
                 pending.first_run = started
+        self._running = True
         try:
             if self._runs_inline(len(batch)):
-                outputs = predict(batch)
+                outputs, run_s = _timed(predict, batch)
             else:
-                outputs = await loop.run_in_executor(self._executor, predict, batch)
-            if len(outputs) != len(batch):
-                raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
+                outputs, run_s = await loop.run_in_executor(self._executor, _timed, predict, batch)
         except Exception:
-            log.exception("model run on a batch of %d images failed", len(batch))
-            self._on_batch(BatchEvent(len(batch), _us(loop.time() - started), failed=True))
-            # The cause goes to the log above, not to callers: it may hold paths or internals.
-            error = BatchFailed(
-                f"model run failed on a batch of {len(batch)} images; the server logged why"
-            )
+            error = self._failed_run(len(batch), loop.time() - started)
             for pending, _, _ in segments:
                 self._fail(pending, error)
             return
+        finally:
+            self._running = False
         elapsed = loop.time() - started
-        self._run_s_per_image = elapsed / len(batch)
+        self._last_run = (len(batch), run_s)
         self._on_batch(BatchEvent(len(batch), _us(elapsed), failed=False))
         offset = 0
         for pending, start, stop in segments:
@@ -290,10 +292,42 @@ class Batcher:
             if stop == len(pending.images) and not pending.future.done():
                 pending.future.set_result(self._result(pending))
 
+    def _can_run_now(self, images: int, deadline: float | None, now: float) -> bool:
+        """Nothing queued, nothing running, a short run: the worker would run exactly these
+        images next, so the caller runs them itself and skips two task switches."""
+        return (
+            not self._queue
+            and not self._running
+            and images <= self.limits.max_batch_size
+            and (deadline is None or now < deadline)
+            and self._runs_inline(images)
+        )
+
+    def _run_now(self, images: np.ndarray) -> BatchResult:
+        version = self._version
+        started = time.perf_counter()
+        try:
+            outputs, run_s = _timed(self._predict, images)
+        except Exception:
+            raise self._failed_run(len(images), time.perf_counter() - started) from None
+        self._last_run = (len(images), run_s)
+        self._on_batch(BatchEvent(len(images), _us(run_s), failed=False))
+        return BatchResult(outputs, len(images), 1, 0, _us(run_s), (version,))
+
+    def _failed_run(self, images: int, elapsed_s: float) -> BatchFailed:
+        log.exception("model run on a batch of %d images failed", images)
+        self._on_batch(BatchEvent(images, _us(elapsed_s), failed=True))
+        # The cause goes to the log above, not to callers: it may hold paths or internals.
+        return BatchFailed(f"model run failed on a batch of {images} images; the server logged why")
+
     def _runs_inline(self, images: int) -> bool:
-        if self._run_s_per_image is None:
+        """Whether a run of `images` is expected to fit in `inline_max_us`, judging from the
+        last run: no slower for fewer images, proportionally slower for more."""
+        if self._last_run is None:
             return False
-        return self._run_s_per_image * images * 1e6 <= self.limits.inline_max_us
+        last_images, last_s = self._last_run
+        expected_s = last_s * max(1.0, images / last_images)
+        return expected_s * 1e6 <= self.limits.inline_max_us
 
     def _fail(self, pending: _Pending, error: Exception) -> None:
         if pending in self._queue:  # the rest of a split request must not run either
@@ -313,6 +347,15 @@ class Batcher:
             compute_us=_us(pending.compute_s),
             versions=tuple(pending.versions),
         )
+
+
+def _timed(predict: Predict, batch: np.ndarray) -> tuple[np.ndarray, float]:
+    """Checked outputs and the seconds spent in `predict` itself, without any hand-off."""
+    started = time.perf_counter()
+    outputs = predict(batch)
+    if len(outputs) != len(batch):
+        raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
+    return outputs, time.perf_counter() - started
 
 
 def _us(seconds: float) -> int:

@@ -93,6 +93,25 @@ async def test_short_runs_move_to_the_loop_thread_once_measured_and_long_ones_ne
     await batcher.close()
 
 
+async def test_an_idle_batcher_runs_a_short_request_in_the_callers_own_task():
+    tasks: list[asyncio.Task | None] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        try:
+            tasks.append(asyncio.current_task())
+        except RuntimeError:  # no loop in this thread: the worker thread
+            tasks.append(None)
+        return batch * 2
+
+    batcher = Batcher(predict, BatcherLimits(inline_max_us=1_000_000))
+    batcher.start()
+    await batcher.submit(ids(1))  # unknown speed: measured on the worker thread
+    result = await batcher.submit(ids(2))
+    assert tasks == [None, asyncio.current_task()]
+    assert (result.outputs.item(), result.queue_us, result.batches) == (4, 0, 1)
+    await batcher.close()
+
+
 async def test_a_failing_inline_run_fails_its_callers_and_the_worker_goes_on():
     failures = iter([None, RuntimeError("boom")])
 
