@@ -31,8 +31,13 @@ def find(results: dict, key: str, workload: str, concurrency: int | None = None)
     return None
 
 
-def ceiling_images_per_s(results: dict) -> float:
-    return max(row["images_per_s"] for row in results["ceiling"]["best"].values())
+def ceiling_images_per_s(results: dict, batch: int | None = None) -> float:
+    """onnxruntime alone at the best thread setting: at `batch` images per run when that was
+    measured, else the best of every batch size."""
+    best = results["ceiling"]["best"]
+    if batch is not None and str(batch) in best:
+        return best[str(batch)]["images_per_s"]
+    return max(row["images_per_s"] for row in best.values())
 
 
 def targets(results: dict) -> list[dict]:
@@ -53,9 +58,10 @@ def targets(results: dict) -> list[dict]:
         goal("idle p50 (1 caller): ms above the floor's p50", extra, "<= 0.30", extra <= 0.3)
     bulk = find(results, OURS, "bulk")
     if bulk:
-        ratio = bulk["images_per_s"] / ceiling_images_per_s(results)
-        goal("bulk 256-image raw requests: images/s vs onnxruntime ceiling", ratio, ">= 0.50",
-             ratio >= 0.5)  # fmt: skip
+        ceiling = ceiling_images_per_s(results, bulk["images"])
+        ratio = bulk["images_per_s"] / ceiling
+        goal(f"bulk {bulk['images']}-image raw requests: images/s vs onnxruntime ceiling",
+             ratio, ">= 0.50", ratio >= 0.5)  # fmt: skip
     off = find(results, "batching-off", "single", 64)
     if ours64 and off:
         ratio = ours64["requests_per_s"] / off["requests_per_s"]
@@ -187,8 +193,8 @@ def plot(results: dict, path: Path) -> None:
     latency_ax.set_title("Latency p50 (solid) and p99 (dotted)")
     latency_ax.legend(fontsize=6, ncol=2)
     bulk = [run for run in results["runs"] if run["workload"] == "bulk"]
-    names = ["onnxruntime ceiling"] + [run["server"] for run in bulk]
-    rates = [ceiling_images_per_s(results)] + [run["images_per_s"] for run in bulk]
+    names = ["onnxruntime alone, batch 256"] + [run["server"] for run in bulk]
+    rates = [ceiling_images_per_s(results, 256)] + [run["images_per_s"] for run in bulk]
     bulk_ax.barh(names, rates, color=["grey"] + [f"C{i % 10}" for i in range(len(bulk))])
     bulk_ax.invert_yaxis()
     bulk_ax.set_xlabel("images/s (256-image requests, 4 callers)")
