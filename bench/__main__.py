@@ -28,6 +28,8 @@ from digit_recognizer.trainer.data import DataError, load_dataset, resolve_data_
 
 CONCURRENCIES = (1, 16, 64, 256)
 BULK = Workload("bulk", "classify", 256, 4)
+# This server's Open Inference Protocol front, for the same loads the peers get over it.
+V2 = (Workload("v2", "infer", 1, 64), Workload("v2 bulk", "infer", 256, 4))
 PEER_REQUIREMENTS = {
     "kserve": ("kserve==0.21.0", "onnxruntime==1.31.1"),
     # uvloop 0.22 crashes MLServer's inference worker (SeldonIO/MLServer#2286).
@@ -51,7 +53,7 @@ def plan(quick: bool) -> list[tuple[str, list[Workload]]]:
     sweep = [single(c) for c in ((1, 64) if quick else CONCURRENCIES)]
     return [
         ("floor", [*sweep, single(64, "stream"), BULK]),
-        ("default", [*sweep, BULK, single(64, "stream"), Workload("v2", "infer", 1, 64)]),
+        ("default", [*sweep, BULK, single(64, "stream"), *V2]),
         ("batching-off", [single(64), BULK]),
         ("workers-2", [single(64), BULK]),
         ("kserve", as_v2([*sweep, BULK])),

@@ -79,6 +79,12 @@ def targets(results: dict) -> list[dict]:
         best = max(peer_bulk, key=lambda run: run["images_per_s"])
         ratio = bulk["images_per_s"] / best["images_per_s"]
         goal(f"bulk images/s vs best peer ({best['server']})", ratio, "> 1.00", ratio > 1.0)
+    v2_bulk = find(results, OURS, "v2 bulk")
+    if v2_bulk and peer_bulk:
+        best = max(peer_bulk, key=lambda run: run["images_per_s"])
+        ratio = v2_bulk["images_per_s"] / best["images_per_s"]
+        goal(f"bulk over ModelInfer (same protocol) vs best peer ({best['server']})", ratio,
+             "> 1.00", ratio > 1.0)  # fmt: skip
     stream = find(results, OURS, "stream", 64)
     if stream and peers64:
         best = max(peers64, key=lambda run: run["requests_per_s"])
@@ -192,8 +198,10 @@ def plot(results: dict, path: Path) -> None:
     latency_ax.set_ylabel("latency (ms)")
     latency_ax.set_title("Latency p50 (solid) and p99 (dotted)")
     latency_ax.legend(fontsize=6, ncol=2)
-    bulk = [run for run in results["runs"] if run["workload"] == "bulk"]
-    names = ["onnxruntime alone, batch 256"] + [run["server"] for run in bulk]
+    bulk = [run for run in results["runs"] if run["workload"] in ("bulk", "v2 bulk")]
+    names = ["onnxruntime alone, batch 256"] + [
+        run["server"] + (" ModelInfer" if run["workload"] == "v2 bulk" else "") for run in bulk
+    ]
     rates = [ceiling_images_per_s(results, 256)] + [run["images_per_s"] for run in bulk]
     bulk_ax.barh(names, rates, color=["grey"] + [f"C{i % 10}" for i in range(len(bulk))])
     bulk_ax.invert_yaxis()

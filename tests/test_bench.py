@@ -134,7 +134,7 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| goal | measured |" in (out / "bench.md").read_text()
     ours = [r for r in results["runs"] if r["key"] == "default"]
-    assert {r["workload"] for r in ours} == {"single", "bulk", "stream", "v2"}
+    assert {r["workload"] for r in ours} == {"single", "bulk", "stream", "v2", "v2 bulk"}
     for run_result in ours:
         assert run_result["errors"] == {} and run_result["wrong_digits"] == 0, run_result
         assert run_result["checked_replies"] > 0

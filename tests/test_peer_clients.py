@@ -5,30 +5,21 @@ once and cached (tritonclient pins protobuf<7, which would break this project's 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench import venvs
+
 PEERS = Path(__file__).parent / "peers"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "digit-recognizer"
 
 
 def peer_python(name: str, requirement: str) -> Path:
-    venv = CACHE / f"peer-{name}"
-    python = venv / "bin" / "python"
-    if not (venv / ".installed").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        install = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", requirement],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        if install.returncode:
-            pytest.skip(f"cannot install {requirement}: {install.stderr.strip()[-300:]}")
-        (venv / ".installed").touch()
-    return python
+    try:
+        return venvs.peer_python(name, requirement, timeout_s=600)
+    except venvs.VenvError as exc:
+        pytest.skip(str(exc))
 
 
 def run_peer(python: Path, script: str, port: int) -> dict:
