@@ -234,7 +234,8 @@ def markdown(results: dict) -> str:
             for row in results["ceiling"]["rows"]
             if str(row["batch"]) == batch
         }
-        lines.append(f"| {batch} | " + " | ".join(_fmt(rates.get(c)) for c in _threads(results)))
+        cells = " | ".join(_fmt(rates.get(c)) for c in _threads(results))
+        lines.append(f"| {batch} | {cells} |")
     lines += [
         "",
         "| server | load | callers | req/s | images/s | p50 ms | p90 ms | p99 ms | batch "
