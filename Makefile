@@ -43,7 +43,7 @@ soak: setup
 docker-test: setup
 	scripts/docker_smoke.sh
 
-# ~15 min: this server vs its onnxruntime ceiling, a bare grpc.aio floor, KServe, MLServer and
+# ~20 min: this server vs its onnxruntime ceiling, a bare grpc.aio floor, KServe, MLServer and
 # Triton (each installed once into ~/.cache/digit-recognizer/peer-*). README "Performance".
 bench: $(MODEL)
 	$(BIN)/python -m bench --model $(MODEL) --out reports/bench $(BENCH_ARGS)

@@ -176,7 +176,7 @@ def group(workload: Workload) -> tuple[str, int, int]:
 @click.option(
     "--rounds",
     type=int,
-    default=3,
+    default=5,
     show_default=True,
     help="every load is run this many times, servers interleaved; the median counts",
 )
