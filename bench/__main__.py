@@ -190,8 +190,8 @@ def group(workload: Workload) -> tuple[str, int, int]:
 @click.option(
     "--only",
     multiple=True,
-    help="run only these servers (floor, default, batching-off, workers-2, kserve, "
-    "mlserver, mlserver-0, pytriton); repeatable",
+    type=click.Choice([key for key, _ in plan(quick=False)]),
+    help="run only these servers; repeatable",
 )
 @click.option(
     "--peers/--no-peers",
