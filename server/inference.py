@@ -26,7 +26,8 @@ class InferenceOptions:
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     # Spinning threads shave microseconds off each run but burn the cores the gRPC layer
     # needs: measured on 2 cores, off gave +25% requests/s for single images, -9% images/s
-    # for 256-image requests (README, "Performance").
+    # for 256-image requests; with short runs on the loop thread, spinning showed no bulk gain
+    # beyond noise and -8% at 64 single-image callers (README, "Performance").
     spin_wait: bool = False
 
 
