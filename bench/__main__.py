@@ -252,24 +252,28 @@ def main(
                 continue
             live[key] = (running, workloads)
         results["idle_cpu"] = idle_cpu({key: running for key, (running, _) in live.items()})
+        # One round: each group of comparable loads, against every server that has it.
         groups = list(dict.fromkeys(group(w) for _, workloads in wanted for w in workloads))
+        schedule = [
+            (key, running, workload)
+            for wanted_group in groups
+            for key, (running, workloads) in live.items()
+            for workload in workloads
+            if group(workload) == wanted_group
+        ]
         measured: dict[tuple[str, Workload], list[Measurement]] = {}
         for round_number in range(1, rounds + 1):
-            for wanted_group in groups:
-                for key, (running, workloads) in live.items():
-                    for workload in workloads:
-                        if group(workload) != wanted_group:
-                            continue
-                        result = measure(
-                            running, workload, samples=samples, clients=clients,
-                            warmup_s=warmup, duration_s=duration, cores=cores,
-                        )  # fmt: skip
-                        measured.setdefault((key, workload), []).append(result)
-                        console.print(
-                            f"round {round_number}/{rounds} [bold]{running.server.name}[/] "
-                            f"{workload.name} x{workload.images} c{workload.concurrency}: "
-                            + report.one_line(result)
-                        )
+            for key, running, workload in schedule:
+                result = measure(
+                    running, workload, samples=samples, clients=clients,
+                    warmup_s=warmup, duration_s=duration, cores=cores,
+                )  # fmt: skip
+                measured.setdefault((key, workload), []).append(result)
+                console.print(
+                    f"round {round_number}/{rounds} [bold]{running.server.name}[/] "
+                    f"{workload.name} x{workload.images} c{workload.concurrency}: "
+                    + report.one_line(result)
+                )
     for (key, _), runs in measured.items():
         results["runs"].append({"key": key, **median_run(runs)})
     results["targets"] = report.targets(results)

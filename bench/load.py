@@ -25,6 +25,10 @@ import numpy as np
 from digit_recognizer.protos import digits_pb2, inference_pb2
 
 CALLS = ("classify", "stream", "infer")
+UNARY_METHODS = {
+    "classify": "/digits.v1.DigitClassifier/Classify",
+    "infer": "/inference.GRPCInferenceService/ModelInfer",
+}
 SAMPLE_EVERY = 16  # replies kept for parsing: one in this many
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -96,13 +100,10 @@ def predicted_digits(load: Load, reply: bytes) -> tuple[list[int], int | None]:
 Call = Callable[[], Awaitable[bytes]]
 
 
-async def open_caller(load: Load, channel: grpc.aio.Channel, request: bytes) -> Call:
+def open_caller(load: Load, channel: grpc.aio.Channel, request: bytes) -> Call:
     """A coroutine function making one request; bytes in, bytes out (no codec on the clock)."""
-    if load.call == "infer":
-        unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        return lambda: unary(request)
-    if load.call == "classify":
-        unary = channel.unary_unary("/digits.v1.DigitClassifier/Classify")
+    if load.call in UNARY_METHODS:
+        unary = channel.unary_unary(UNARY_METHODS[load.call])
         return lambda: unary(request)
     # One bidirectional stream per caller, ping-pong: the same closed loop as unary calls.
     stream = channel.stream_stream("/digits.v1.DigitClassifier/ClassifyStream")()
@@ -129,7 +130,7 @@ async def run(load: Load) -> dict:
     errors: dict[str, int] = {}
     async with grpc.aio.insecure_channel(load.target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-        callers = [await open_caller(load, channel, request) for _ in range(load.concurrency)]
+        callers = [open_caller(load, channel, request) for _ in range(load.concurrency)]
         await asyncio.sleep(max(0.0, load.start_at - time.time()))
         measure_from = time.perf_counter() + load.warmup_s
         stop_at = measure_from + load.duration_s

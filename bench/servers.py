@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import grpc
 import numpy as np
 import psutil
 
-from bench.load import Load, build_request
+from bench.load import UNARY_METHODS, Load, build_request
 
 PEERS_DIR = Path(__file__).parent / "peers"
 READY_TIMEOUT_S = 180.0
@@ -87,14 +89,9 @@ class Running:
         call = "infer" if self.server.protocol == "v2" else "classify"
         probe = Load(self.target, call, 1, 1, 0, 0, 0, "", model_name=self.server.model_name)
         request = build_request(probe, images[:1])
-        method = (
-            "/inference.GRPCInferenceService/ModelInfer"
-            if call == "infer"
-            else "/digits.v1.DigitClassifier/Classify"
-        )
         started = time.monotonic()
         with grpc.insecure_channel(self.target) as channel:
-            unary = channel.unary_unary(method)
+            unary = channel.unary_unary(UNARY_METHODS[call])
             while True:
                 if self.proc.poll() is not None:
                     raise ServerFailed(f"{self.server.name} exited: {self.log_tail()}")
@@ -191,9 +188,6 @@ def mlserver(
     python: Path, model: Path, model_name: str, port: int, parallel_workers: int, workdir: Path
 ) -> Server:
     """MLServer reads its settings from files in the directory it starts in."""
-    import json
-    import shutil
-
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(PEERS_DIR / "mlserver_runtime.py", workdir)
     settings = {

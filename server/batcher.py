@@ -133,7 +133,7 @@ class Batcher:
         self._accepting = True
         self._worker: asyncio.Task[None] | None = None
         self._last_run: tuple[int, float] | None = None  # (images, seconds in predict)
-        self._running = False  # a model run is in progress (on the worker thread)
+        self._running = False  # a model run is in progress (awaited on the worker thread)
 
     @property
     def queued_images(self) -> int:
