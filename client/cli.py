@@ -26,6 +26,7 @@ from digit_recognizer.client.client import (
 )
 from digit_recognizer.client.errors import DigitClientError, ImageError
 from digit_recognizer.client.images import is_image_file, render, to_mnist
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DIGITS"}
 
@@ -333,7 +334,7 @@ async def _bench(
     from digit_recognizer.protos import digits_pb2, inference_pb2, inference_pb2_grpc
 
     rng = np.random.default_rng(0)
-    pixels = rng.random((batch_size, 784), dtype=np.float32)
+    pixels = rng.random((batch_size, PIXELS_PER_IMAGE), dtype=np.float32)
     if encoding == "u8":
         request = digits_pb2.ClassifyRequest(pixels_u8=(pixels * 255).astype(np.uint8).tobytes())
     elif encoding == "packed":
@@ -350,7 +351,7 @@ async def _bench(
         if protocol == "v2":
             name = (await client.model_info()).name
             tensor = inference_pb2.ModelInferRequest.InferInputTensor(
-                name="pixels", datatype="FP32", shape=[batch_size, 784]
+                name="pixels", datatype="FP32", shape=[batch_size, PIXELS_PER_IMAGE]
             )
             request = inference_pb2.ModelInferRequest(
                 model_name=name,

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digit_recognizer.client.errors import DigitClientError, InvalidInput, from_rpc_error
 from digit_recognizer.client.images import ImageSource, to_mnist
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
 
-PIXELS = 784
 SERVICE = "digits.v1.DigitClassifier"
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 10.0
@@ -112,12 +112,12 @@ def as_pixels(images: Any) -> np.ndarray:
             f"got {array.dtype} {array.shape}"
         )
     shape = array.shape
-    if shape in ((PIXELS,), (28, 28)):
-        array = array.reshape(1, PIXELS)
-    elif array.ndim == 2 and shape[1] == PIXELS:
+    if shape in ((PIXELS_PER_IMAGE,), (IMAGE_SIDE, IMAGE_SIDE)):
+        array = array.reshape(1, PIXELS_PER_IMAGE)
+    elif array.ndim == 2 and shape[1] == PIXELS_PER_IMAGE:
         pass
-    elif array.ndim == 3 and shape[1:] == (28, 28):
-        array = array.reshape(shape[0], PIXELS)
+    elif array.ndim == 3 and shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+        array = array.reshape(shape[0], PIXELS_PER_IMAGE)
     else:
         raise InvalidInput(
             f"expected an image shaped (784,) or (28, 28), or a batch shaped (N, 784) or "

@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from digit_recognizer.client.errors import ImageError
+from digit_recognizer.protos.contract import IMAGE_SIDE
 
-SIDE = 28
+SIDE = IMAGE_SIDE
 BOX = 20  # MNIST fits the ink's bounding box into 20x20
 MAX_PIXELS = 40_000_000  # refuse decompression bombs long before Pillow's own 178M limit
 _WORK_SIDE = 4 * BOX  # intermediate size where stroke width is measured and corrected

@@ -7,18 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "pixels", "pixels_f32le", "pixels_u8", "top_k")
+    __slots__ = ("request_id", "pixels", "pixels_f32le", "pixels_u8", "top_k", "model", "model_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     PIXELS_F32LE_FIELD_NUMBER: _ClassVar[int]
     PIXELS_U8_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pixels: _containers.RepeatedScalarFieldContainer[float]
     pixels_f32le: bytes
     pixels_u8: bytes
     top_k: int
-    def __init__(self, request_id: _Optional[str] = ..., pixels: _Optional[_Iterable[float]] = ..., pixels_f32le: _Optional[bytes] = ..., pixels_u8: _Optional[bytes] = ..., top_k: _Optional[int] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., pixels: _Optional[_Iterable[float]] = ..., pixels_f32le: _Optional[bytes] = ..., pixels_u8: _Optional[bytes] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("digit", "label", "probability")
@@ -87,8 +91,36 @@ class ClassifyStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ModelVersionStatus(_message.Message):
+    __slots__ = ("model", "version", "state", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    state: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("default_model", "models")
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    default_model: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
+    def __init__(self, default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ...) -> None: ...
 
 class InputContract(_message.Message):
     __slots__ = ("name", "shape", "dtype", "layout", "min_value", "max_value", "background")
@@ -123,7 +155,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "weights_sha256", "file_sha256", "test_accuracy", "test_loss", "labels", "dataset", "created_at", "input", "execution_provider", "batching", "training_config_json")
+    __slots__ = ("name", "version", "weights_sha256", "file_sha256", "test_accuracy", "test_loss", "labels", "dataset", "created_at", "input", "execution_provider", "batching", "training_config_json", "model", "model_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +169,8 @@ class ModelInfo(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     weights_sha256: str
@@ -150,4 +184,6 @@ class ModelInfo(_message.Message):
     execution_provider: str
     batching: BatchingLimits
     training_config_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., created_at: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., training_config_json: _Optional[str] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., created_at: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., training_config_json: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class DigitClassifierStub:
                 request_serializer=digit__recognizer_dot_protos_dot_digits__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=digit__recognizer_dot_protos_dot_digits__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/digits.v1.DigitClassifier/ListModels',
+                request_serializer=digit__recognizer_dot_protos_dot_digits__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=digit__recognizer_dot_protos_dot_digits__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class DigitClassifierServicer:
@@ -77,6 +82,13 @@ class DigitClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model and version this server knows of, and whether each is being served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DigitClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_DigitClassifierServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=digit__recognizer_dot_protos_dot_digits__pb2.GetModelInfoRequest.FromString,
                     response_serializer=digit__recognizer_dot_protos_dot_digits__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=digit__recognizer_dot_protos_dot_digits__pb2.ListModelsRequest.FromString,
+                    response_serializer=digit__recognizer_dot_protos_dot_digits__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +194,33 @@ class DigitClassifier:
             '/digits.v1.DigitClassifier/GetModelInfo',
             digit__recognizer_dot_protos_dot_digits__pb2.GetModelInfoRequest.SerializeToString,
             digit__recognizer_dot_protos_dot_digits__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/digits.v1.DigitClassifier/ListModels',
+            digit__recognizer_dot_protos_dot_digits__pb2.ListModelsRequest.SerializeToString,
+            digit__recognizer_dot_protos_dot_digits__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,41 +1,30 @@
-"""Wiring: model + batcher + servicers + health + reflection + metrics + signals + workers."""
+"""Wiring: repository -> data plane -> fronts (digits.v1, OIP gRPC, HTTP), health, reflection,
+metrics, signals; `run` starts one server or the supervisor of several."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
-import tempfile
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from digit_recognizer.protos import inference_pb2_grpc
-from digit_recognizer.server import metrics
-from digit_recognizer.server.batcher import Batcher, BatchEvent
+from digit_recognizer.server import logs, metrics
 from digit_recognizer.server.config import ServerConfig
+from digit_recognizer.server.dataplane import DataPlane
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.http import HttpFront, build_app
-from digit_recognizer.server.inference import Model, load_model
+from digit_recognizer.server.inference import Model
 from digit_recognizer.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from digit_recognizer.server.oip import InferenceService
-from digit_recognizer.server.reload import ModelReloader
-from digit_recognizer.server.service import (
-    SERVICE_NAME,
-    DigitClassifierService,
-    ServiceLimits,
-    add_to_server,
-)
+from digit_recognizer.server.repository import ModelRepository
+from digit_recognizer.server.service import SERVICE_NAME, DigitClassifierService
+from digit_recognizer.server.supervisor import supervise
 
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -50,49 +39,50 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
-    service: DigitClassifierService
-    batcher: Batcher
-    reloader: ModelReloader | None
+    plane: DataPlane
+    repository: ModelRepository
     http: HttpFront | None = None
-
-    @property
-    def model(self) -> Model:
-        return self.service.model
 
     async def stop(self, grace_s: float) -> None:
         """Health NOT_SERVING, refuse new calls, finish accepted ones within the grace period."""
-        if self.reloader is not None:
-            await self.reloader.stop()
+        await self.repository.stop()
         await self.health.enter_graceful_shutdown()
-        drained = await self.service.drain(grace_s)
-        if not drained:
-            log.warning(
-                "grace period over with %d requests unfinished", self.service.active_requests
-            )
+        if not await self.plane.drain(grace_s):
+            log.warning("grace period over with %d requests unfinished", self.plane.active_requests)
         # Long-lived calls (health Watch, idle streams) get a moment, then are closed.
         await self.server.stop(min(grace_s, 1.0))
         if self.http is not None:
             await self.http.stop()
-        await self.batcher.close()
+        await self.plane.close()
 
 
 async def start_server(
-    config: ServerConfig, model: Model, *, reuse_port: bool = False
+    config: ServerConfig, model: Model | None = None, *, reuse_port: bool = False
 ) -> RunningServer:
-    def record_batch(event: BatchEvent) -> None:
-        metrics.BATCH_SIZE.observe(event.size)
-        metrics.BATCH_COMPUTE.observe(event.compute_us / 1e6)
-        metrics.QUEUE_DEPTH.set(batcher.queued_images)  # sampled at every model run
-        if event.failed:
-            metrics.FAILED_BATCHES.inc()
-
-    batcher = Batcher(
-        model.predict,
-        config.batcher_limits,
-        on_batch=record_batch,
-        on_skip=lambda reason: metrics.SKIPPED.labels(reason).inc(),
-        version=model.card.version,
+    """Load the repository (`model`: an already-loaded --model FILE), bind, then SERVING."""
+    plane = DataPlane(config.request_limits, config.batcher_limits)
+    repository = ModelRepository(
+        plane,
+        config.model_repository or config.model,
+        is_directory=config.model_repository is not None,
+        policy=config.policy,
+        options=config.inference,
+        batcher_limits=config.batcher_limits,
+        interval_s=config.reload_interval_s,
     )
+    try:
+        await repository.load(model)
+    except ModelError:
+        await plane.close()
+        raise
+    names = sorted({served.name for served in plane.served()})
+    plane.default_model = config.default_model or names[0]
+    if plane.default_model not in names:
+        await plane.close()
+        raise StartupError(
+            f"--default-model {config.default_model!r} is not served; the repository serves "
+            + ", ".join(names)
+        )
     security = config.security
     token = security.token()  # read once: the gRPC interceptor and the HTTP front share it
     server = grpc.aio.server(
@@ -102,12 +92,8 @@ async def start_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    service = DigitClassifierService(
-        model, batcher, ServiceLimits(config.max_images_per_request, config.max_message_bytes)
-    )
-    add_to_server(service, server)
-    v2 = InferenceService(service)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(v2, server)
+    DigitClassifierService(plane).add_to(server)
+    InferenceService(plane).add_to(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -121,53 +107,53 @@ async def start_server(
             else server.add_insecure_port(config.address)
         )
     except RuntimeError as exc:
+        await plane.close()
         raise StartupError(f"cannot listen on {config.address} ({exc})") from None
     http = None
     if config.http_port is not None:  # bound before anything reports SERVING
-        app = build_app(service, v2, config.max_message_bytes, token)
-        http = HttpFront(app, config.host, config.http_port, reuse_port=reuse_port)
+        http = HttpFront(
+            build_app(plane, config.max_message_bytes, token),
+            config.host,
+            config.http_port,
+            reuse_port=reuse_port,
+        )
         try:
             await http.start()
         except OSError as exc:
+            await plane.close()
             raise StartupError(f"cannot serve HTTP on port {config.http_port} ({exc})") from None
-    batcher.start()
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    card = model.card
-    metrics.MODEL_INFO.labels(card.name, card.version, model.provider, model.file_sha256).set(1)
-    reloader = None
-    if config.reload_interval_s > 0:
-        reloader = ModelReloader(
-            config.model, config.inference, batcher, service, config.reload_interval_s
-        )
-        reloader.start()
-    return RunningServer(server, port, health_servicer, service, batcher, reloader, http)
+    repository.start()
+    return RunningServer(server, port, health_servicer, plane, repository, http)
 
 
 async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
     """Run one server until SIGTERM/SIGINT, then drain. Returns the exit code."""
     try:
-        model = load_model(config.model, config.inference)
-        running = await start_server(config, model, reuse_port=reuse_port)
+        running = await start_server(config, reuse_port=reuse_port)
     except (ModelError, StartupError) as exc:
         log.error("not starting: %s", exc)
         return 1
-    host = config.host
+    plane = running.plane
+    default = plane.resolve()
     log.info(
         "serving",
         extra={
             "fields": {
-                "model": str(config.model),
-                "name": model.card.name,
-                "version": model.card.version,
-                "sha256": model.file_sha256,
-                "provider": model.provider,
+                "model": str(config.model_repository or config.model),
+                "models": " ".join(f"{s.name}:{s.version}" for s in plane.served()),
+                "default_model": plane.default_model,
+                "name": default.name,
+                "version": default.version,
+                "sha256": default.model.file_sha256,
+                "provider": default.model.provider,
                 "max_batch_size": config.max_batch_size,
                 "max_delay_us": config.max_delay_us,
                 "max_queue_size": config.max_queue_size,
                 "max_images_per_request": config.max_images_per_request,
-                "address": f"{host}:{running.port}",
+                "address": f"{config.host}:{running.port}",
                 "http_port": running.http.port if running.http else "off",
                 "tls": "mutual" if config.tls_client_ca else "on" if config.tls_cert else "off",
                 "auth": "bearer token" if config.auth_token_file else "none",
@@ -185,8 +171,8 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
         extra={
             "fields": {
                 "grace_s": config.grace_s,
-                "accepted_requests": running.service.active_requests,
-                "queued_images": running.batcher.queued_images,
+                "accepted_requests": plane.active_requests,
+                "queued_images": plane.queued_images,
             }
         },
     )
@@ -199,12 +185,12 @@ def run(config: ServerConfig) -> int:
     """The process entry point: one server, or a supervisor of `config.workers` servers."""
     if config.workers == 1:
         if config.metrics_port is not None:
-            _start_metrics(config)
+            start_metrics(config)
         return asyncio.run(serve(config))
-    return _supervise(config)
+    return supervise(config, worker_main, start_metrics)
 
 
-def _start_metrics(config: ServerConfig) -> None:
+def start_metrics(config: ServerConfig) -> None:
     try:
         server = metrics.serve_metrics(config.metrics_port or 0, config.metrics_host)
     except OSError as exc:
@@ -220,102 +206,7 @@ def _start_metrics(config: ServerConfig) -> None:
     )
 
 
-def _supervise(config: ServerConfig) -> int:
-    """N worker processes share the port through SO_REUSEPORT; the kernel spreads connections.
-
-    Metrics: each worker writes to a shared PROMETHEUS_MULTIPROC_DIR and this process serves
-    their sum, so one scrape sees the whole server.
-    """
-    with (
-        tempfile.TemporaryDirectory(prefix="digits-metrics-") as metrics_dir,
-        _reserve_port(config) as port,
-    ):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        if config.metrics_port is not None:
-            _start_metrics(config)
-        worker_config = replace(config, port=port, workers=1, metrics_port=None)
-        context = multiprocessing.get_context("spawn")
-        workers = [
-            context.Process(target=_worker_main, args=(worker_config,), name=f"worker-{i}")
-            for i in range(config.workers)
-        ]
-        for worker in workers:
-            worker.start()
-        stopping = False
-
-        def forward(signum: int, _frame: Any) -> None:
-            nonlocal stopping
-            stopping = True
-            for worker in workers:
-                if worker.pid and worker.is_alive():
-                    os.kill(worker.pid, signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        alive = list(workers)
-        while alive:
-            multiprocessing.connection.wait([w.sentinel for w in alive])
-            for worker in [w for w in alive if not w.is_alive()]:
-                alive.remove(worker)
-                if worker.exitcode != 0 and not stopping:
-                    log.error(
-                        "%s exited with %s; stopping the others", worker.name, worker.exitcode
-                    )
-                    forward(signal.SIGTERM, None)
-        return 0 if all(w.exitcode == 0 for w in workers) else 1
-
-
-@contextlib.contextmanager
-def _reserve_port(config: ServerConfig) -> Any:
-    """Port 0 means "any free port"; every worker must get the same one, so pick it here and
-    hold it (bound, not listening) with SO_REUSEPORT until the workers are done."""
-    if config.port != 0:
-        yield config.port
-        return
-    host = config.host.strip("[]") or "::"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as holder:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind((host, 0))
-        yield holder.getsockname()[1]
-
-
-def _worker_main(config: ServerConfig) -> None:
-    configure_logging(config.log_level, config.log_format)
+def worker_main(config: ServerConfig) -> None:
+    """One of --workers N: a whole server in a spawned process."""
+    logs.configure_logging(config.log_level, config.log_format)
     sys.exit(asyncio.run(serve(config, reuse_port=True)))
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            **getattr(record, "fields", {}),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = getattr(record, "fields", None)
-        if fields:
-            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
-        return line
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(
-            _TextFormatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)

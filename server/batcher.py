@@ -6,14 +6,17 @@ batches from the head of the queue: up to `max_batch_size` images, waiting at mo
 soon as the model is free, so an idle server adds no latency). A request larger than the room
 left in a batch is split across consecutive batches and reassembled in order.
 
-Short runs (expected to take at most `inline_max_us`, judged from the time the last run
-spent in the model) execute on the event loop's own thread: for them the hand-off to a worker
-thread (a wake-up each way plus a GIL hand-back while the loop is busy) costs more than the
-run itself.
-Longer runs, the first run, and the first after a swap go to the worker thread, so the loop
-keeps receiving requests while onnxruntime (which releases the GIL) computes, and a slow
-model never stalls the loop. When nothing is queued or running and the run is short, `submit`
-computes at once in its caller's turn: what the worker would do next, minus two task switches.
+Where a run executes is the `RunPolicy`'s call: short runs (expected to take at most
+`inline_max_us`, judged from the time the last run spent in the model) execute on the event
+loop's own thread, because for them the hand-off to a worker thread (a wake-up each way plus a
+GIL hand-back while the loop is busy) costs more than the run itself. Longer runs, the first
+run, and the first after a swap go to the worker thread, so the loop keeps receiving requests
+while onnxruntime (which releases the GIL) computes, and a slow model never stalls the loop.
+When nothing is queued or running and the run is short, `submit` computes at once in its
+caller's turn: what the worker would do next, minus two task switches. All three ways share
+one execution path and one clock (`time.monotonic`, which is also asyncio's `loop.time()`):
+`queue_us` runs from arrival to the start of the first run, `compute_us` is time inside the
+model only, measured where the model runs.
 
 The queue is bounded in images (`max_queue_size`): past it `submit` raises `Overloaded` at
 once. Callers that cancelled, or whose deadline passed while queued, are skipped and never
@@ -49,18 +52,22 @@ class BatcherLimits:
     max_queue_size: int = 4096
     inline_max_us: int = 250  # runs expected to be this short stay on the loop; 0 = never
 
-    def validate(self) -> list[str]:
-        """Problems as "<field> must ...", one per line; empty when the limits are usable."""
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, "must ...") for every unusable limit; empty when the limits are usable."""
         problems = []
         if self.max_batch_size < 1:
-            problems.append(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+            problems.append(("max_batch_size", f"must be at least 1, got {self.max_batch_size}"))
         if self.max_delay_us < 0:
-            problems.append(f"max_delay_us must be >= 0, got {self.max_delay_us}")
+            problems.append(("max_delay_us", f"must be >= 0, got {self.max_delay_us}"))
         if self.max_queue_size < 1:
-            problems.append(f"max_queue_size must be at least 1, got {self.max_queue_size}")
+            problems.append(("max_queue_size", f"must be at least 1, got {self.max_queue_size}"))
         if self.inline_max_us < 0:
-            problems.append(f"inline_max_us must be >= 0, got {self.inline_max_us}")
+            problems.append(("inline_max_us", f"must be >= 0, got {self.inline_max_us}"))
         return problems
+
+    def validate(self) -> list[str]:
+        """The problems as "<field> must ...", one per line."""
+        return [f"{field} {problem}" for field, problem in self.problems()]
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,40 @@ class BatchEvent:
     size: int
     compute_us: int
     failed: bool
+
+
+class RunPolicy:
+    """Whether the next run executes on the event loop thread (inline) or the worker thread.
+
+    A run is inline when it is expected to take at most `inline_max_us`, judging from the last
+    run: no slower for fewer images, proportionally slower for more. Until a model has run
+    once (at start, after a swap) its speed is unknown and runs go to the worker thread.
+    """
+
+    def __init__(self, inline_max_us: int) -> None:
+        self._inline_max_s = inline_max_us / 1e6
+        self._last: tuple[int, float] | None = None  # (images, seconds in the model)
+
+    def inline(self, images: int) -> bool:
+        if self._last is None:
+            return False
+        last_images, last_s = self._last
+        return last_s * max(1.0, images / last_images) <= self._inline_max_s
+
+    def ran(self, images: int, seconds: float) -> None:
+        self._last = (images, seconds)
+
+    def forget(self) -> None:
+        self._last = None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one model run produced, measured where it ran."""
+
+    outputs: np.ndarray | None
+    seconds: float  # inside the model
+    error: Exception | None = None
 
 
 @dataclass
@@ -117,8 +158,7 @@ class Batcher:
         on_skip: Callable[[str], None] | None = None,
         version: str = "",
     ) -> None:
-        problems = limits.validate()
-        if problems:
+        if problems := limits.validate():
             raise ValueError("; ".join(problems))
         self._predict = predict
         self._version = version
@@ -132,7 +172,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._accepting = True
         self._worker: asyncio.Task[None] | None = None
-        self._last_run: tuple[int, float] | None = None  # (images, seconds in predict)
+        self._policy = RunPolicy(limits.inline_max_us)
         self._running = False  # a model run is in progress (awaited on the worker thread)
 
     @property
@@ -146,7 +186,7 @@ class Batcher:
     def swap(self, predict: Predict, version: str) -> None:
         """Use another model from the next run on; the run in progress finishes on the old."""
         self._predict, self._version = predict, version
-        self._last_run = None  # its speed is unknown until it has run once
+        self._policy.forget()  # its speed is unknown until it has run once
 
     def start(self) -> None:
         if self._worker is None:
@@ -165,9 +205,14 @@ class Batcher:
                 f"waiting, this request adds {n}); retry after a back-off"
             )
         loop = asyncio.get_running_loop()
-        if self._can_run_now(n, deadline, loop.time()):
-            return self._run_now(images)
-        pending = _Pending(images, loop.create_future(), deadline, loop.time())
+        now = _clock()
+        pending = _Pending(images, loop.create_future(), deadline, now)
+        if self._can_run_now(n, deadline, now):
+            # Done before the await below, which then returns without a task switch.
+            pending.taken = n
+            segments = [(pending, 0, n)]
+            self._finish(segments, *self._start(segments, now), _timed(self._predict, images))
+            return await pending.future
         self._queue.append(pending)
         self._queued_images += n
         self._wakeup.set()
@@ -185,24 +230,24 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._drop_dead(loop.time())
+            self._drop_dead(_clock())
             if not self._queue:
                 if not self._accepting:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._wait_for_fill(loop)
-            batch = self._take_batch(loop.time())
-            if batch:
-                await self._execute(batch, loop)
+            await self._wait_for_fill()
+            segments = self._take_batch(_clock())
+            if segments:
+                await self._execute(segments, loop)
 
-    async def _wait_for_fill(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _wait_for_fill(self) -> None:
         if self.limits.max_delay_us == 0:
             return
         flush_at = self._queue[0].enqueued + self.limits.max_delay_us / 1e6
         while self._queued_images < self.limits.max_batch_size and self._accepting:
-            timeout = flush_at - loop.time()
+            timeout = flush_at - _clock()
             if timeout <= 0:
                 return
             self._wakeup.clear()
@@ -256,37 +301,57 @@ class Batcher:
     async def _execute(
         self, segments: list[tuple[_Pending, int, int]], loop: asyncio.AbstractEventLoop
     ) -> None:
-        predict, version = self._predict, self._version  # one version for the whole run
+        predict, version, batch = self._start(segments, _clock())
+        self._running = True
+        try:
+            if self._policy.inline(len(batch)):
+                run = _timed(predict, batch)
+            else:
+                run = await loop.run_in_executor(self._executor, _timed, predict, batch)
+        finally:
+            self._running = False
+        self._finish(segments, predict, version, batch, run)
+
+    def _start(
+        self, segments: list[tuple[_Pending, int, int]], started: float
+    ) -> tuple[Predict, str, np.ndarray]:
+        """The model (one version for the whole run) and the batch; marks the run's start."""
         inputs = [pending.images[start:stop] for pending, start, stop in segments]
         batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
-        started = loop.time()
         for pending, _, _ in segments:
             if pending.first_run is None:
                 pending.first_run = started
-        self._running = True
-        try:
-            if self._runs_inline(len(batch)):
-                outputs, run_s = _timed(predict, batch)
-            else:
-                outputs, run_s = await loop.run_in_executor(self._executor, _timed, predict, batch)
-        except Exception:
-            error = self._failed_run(len(batch), loop.time() - started)
+        return self._predict, self._version, batch
+
+    def _finish(
+        self,
+        segments: list[tuple[_Pending, int, int]],
+        predict: Predict,
+        version: str,
+        batch: np.ndarray,
+        run: _Run,
+    ) -> None:
+        """Hand every caller in the run its rows, or the run's failure."""
+        self._on_batch(BatchEvent(len(batch), _us(run.seconds), failed=run.error is not None))
+        if run.outputs is None:
+            log.error("model run on a batch of %d images failed", len(batch), exc_info=run.error)
+            # The cause goes to the log, not to callers: it may hold paths or internals.
+            error = BatchFailed(
+                f"model run failed on a batch of {len(batch)} images; the server logged why"
+            )
             for pending, _, _ in segments:
                 self._fail(pending, error)
             return
-        finally:
-            self._running = False
-        elapsed = loop.time() - started
-        self._last_run = (len(batch), run_s)
-        self._on_batch(BatchEvent(len(batch), _us(elapsed), failed=False))
+        if predict is self._predict:  # not a run of a model swapped out meanwhile
+            self._policy.ran(len(batch), run.seconds)
         offset = 0
         for pending, start, stop in segments:
             count = stop - start
-            pending.parts.append(outputs[offset : offset + count])
+            pending.parts.append(run.outputs[offset : offset + count])
             offset += count
             pending.largest_batch = max(pending.largest_batch, len(batch))
             pending.batches += 1
-            pending.compute_s += elapsed
+            pending.compute_s += run.seconds
             if version not in pending.versions:
                 pending.versions.append(version)
             if stop == len(pending.images) and not pending.future.done():
@@ -300,34 +365,8 @@ class Batcher:
             and not self._running
             and images <= self.limits.max_batch_size
             and (deadline is None or now < deadline)
-            and self._runs_inline(images)
+            and self._policy.inline(images)
         )
-
-    def _run_now(self, images: np.ndarray) -> BatchResult:
-        version = self._version
-        started = time.perf_counter()
-        try:
-            outputs, run_s = _timed(self._predict, images)
-        except Exception:
-            raise self._failed_run(len(images), time.perf_counter() - started) from None
-        self._last_run = (len(images), run_s)
-        self._on_batch(BatchEvent(len(images), _us(run_s), failed=False))
-        return BatchResult(outputs, len(images), 1, 0, _us(run_s), (version,))
-
-    def _failed_run(self, images: int, elapsed_s: float) -> BatchFailed:
-        log.exception("model run on a batch of %d images failed", images)
-        self._on_batch(BatchEvent(images, _us(elapsed_s), failed=True))
-        # The cause goes to the log above, not to callers: it may hold paths or internals.
-        return BatchFailed(f"model run failed on a batch of {images} images; the server logged why")
-
-    def _runs_inline(self, images: int) -> bool:
-        """Whether a run of `images` is expected to fit in `inline_max_us`, judging from the
-        last run: no slower for fewer images, proportionally slower for more."""
-        if self._last_run is None:
-            return False
-        last_images, last_s = self._last_run
-        expected_s = last_s * max(1.0, images / last_images)
-        return expected_s * 1e6 <= self.limits.inline_max_us
 
     def _fail(self, pending: _Pending, error: Exception) -> None:
         if pending in self._queue:  # the rest of a split request must not run either
@@ -349,13 +388,22 @@ class Batcher:
         )
 
 
-def _timed(predict: Predict, batch: np.ndarray) -> tuple[np.ndarray, float]:
-    """Checked outputs and the seconds spent in `predict` itself, without any hand-off."""
-    started = time.perf_counter()
-    outputs = predict(batch)
-    if len(outputs) != len(batch):
-        raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
-    return outputs, time.perf_counter() - started
+def _clock() -> float:
+    """The batcher's one clock; asyncio's loop.time() reads the same one, so deadlines given
+    in loop time compare directly."""
+    return time.monotonic()
+
+
+def _timed(predict: Predict, batch: np.ndarray) -> _Run:
+    """Run the model where this is called (loop or worker thread) and time only the model."""
+    started = _clock()
+    try:
+        outputs = predict(batch)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"model returned {len(outputs)} rows for {len(batch)} images")
+    except Exception as exc:
+        return _Run(None, _clock() - started, exc)
+    return _Run(outputs, _clock() - started)
 
 
 def _us(seconds: float) -> int:

@@ -23,7 +23,28 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     type=click.Path(path_type=Path),
     default=_DEFAULTS.model,
     show_envvar=True,
-    help="The ONNX model written by digit-train.",
+    help="The ONNX model written by digit-train: a repository of one model, named and "
+    "versioned by its model card. Replace the file to serve a new version.",
+)
+@click.option(
+    "--model-repository",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Serve every model of DIR/<name>/<version>/model.onnx (Triton's layout; versions "
+    "are positive integers) instead of --model. Watched: versions come and go while serving.",
+)
+@click.option(
+    "--version-policy",
+    default=_DEFAULTS.version_policy,
+    show_envvar=True,
+    help="Which versions of each repository model are served: latest, all, or specific:1,3.",
+)
+@click.option(
+    "--default-model",
+    default=_DEFAULTS.default_model,
+    show_envvar=True,
+    help="The model that calls naming none get. Default: the first name in the repository.",
 )
 @click.option(
     "--host",
@@ -134,7 +155,8 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     type=float,
     default=_DEFAULTS.reload_interval_s,
     show_envvar=True,
-    help="Seconds between checks of the model file for a new version (hot reload); 0 = off.",
+    help="Seconds between checks of the model file or repository for new versions "
+    "(hot reload); 0 = off.",
 )
 @click.option(
     "--tls-cert",
@@ -172,17 +194,23 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
 @click.option(
     "--log-format", type=click.Choice(LOG_FORMATS), default=_DEFAULTS.log_format, show_envvar=True
 )
-def main(no_metrics: bool, **options: object) -> None:
+@click.pass_context
+def main(ctx: click.Context, no_metrics: bool, **options: object) -> None:
     """Serve a digit-train ONNX model over gRPC with dynamic batching.
 
     \b
     Examples:
       digit-server --model models/model.onnx --plaintext
+      digit-server --model-repository models/repo --version-policy all --plaintext
       digit-server --model m.onnx --tls-cert cert.pem --tls-key key.pem --auth-token-file t
       DIGITS_PLAINTEXT=1 DIGITS_PORT=6000 DIGITS_LOG_FORMAT=json digit-server
     """
-    from digit_recognizer.server.app import StartupError, configure_logging, run
+    from digit_recognizer.server.app import StartupError, run
+    from digit_recognizer.server.logs import configure_logging
 
+    given = click.core.ParameterSource.DEFAULT
+    if options["model_repository"] is not None and ctx.get_parameter_source("model") != given:
+        raise click.UsageError("give --model or --model-repository, not both")
     options["log_level"] = str(options["log_level"]).upper()
     if no_metrics:
         options["metrics_port"] = None

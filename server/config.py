@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from digit_recognizer.server.batcher import BatcherLimits
+from digit_recognizer.server.dataplane import RequestLimits
 from digit_recognizer.server.inference import InferenceOptions
+from digit_recognizer.server.repository import VersionPolicy
 from digit_recognizer.server.security import SecurityConfig
 from digit_recognizer.server.validation import max_message_bytes
 
@@ -16,7 +18,10 @@ LOG_FORMATS = ("text", "json")
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: Path
+    model: Path  # a repository of one model, unless model_repository is given
+    model_repository: Path | None = None  # DIR/<name>/<version>/model.onnx
+    version_policy: str = "latest"  # latest | all | specific:1,3
+    default_model: str = ""  # what an empty model name means; "" = the first name served
     host: str = "[::]"
     port: int = 50051
     provider: str = "auto"
@@ -58,6 +63,14 @@ class ServerConfig:
         return InferenceOptions(self.provider, self.intra_op_threads, self.spin_wait)
 
     @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_images_per_request, self.max_message_bytes)
+
+    @property
+    def policy(self) -> VersionPolicy:
+        return VersionPolicy.parse(self.version_policy)
+
+    @property
     def max_message_bytes(self) -> int:
         return max_message_bytes(self.max_images_per_request)
 
@@ -67,11 +80,18 @@ class ServerConfig:
 
     def validate(self) -> list[str]:
         # The batcher names its fields; here they are spelled as the flags the user typed.
-        problems = []
-        for problem in self.batcher_limits.validate():
-            field, rest = problem.split(" ", 1)
-            problems.append(f"--{field.replace('_', '-')} {rest}")
-        if not self.model.is_file():
+        problems = [
+            f"--{field.replace('_', '-')} {problem}"
+            for field, problem in self.batcher_limits.problems()
+        ]
+        if self.model_repository is not None:
+            if not self.model_repository.is_dir():
+                problems.append(f"--model-repository {self.model_repository}: no such directory")
+            try:
+                self.policy  # noqa: B018 (parsed for its error)
+            except ValueError as exc:
+                problems.append(f"--version-policy {exc}")
+        elif not self.model.is_file():
             problems.append(f"--model {self.model}: no such file")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535, got {self.port}")

@@ -34,6 +34,12 @@ class InvalidInput(ServingError):
         self.violations = violations or [Violation("request", message)]
 
 
+class ModelNotFound(ServingError):
+    """No such model or version is served; the message lists what is."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class Overloaded(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -55,7 +61,8 @@ class BatchFailed(ServingError):
 
 
 class ModelError(Exception):
-    """A model file cannot be served (missing, corrupt, wrong shape, no card). Start-up only."""
+    """A model file cannot be served (missing, corrupt, wrong shape, no card): the server
+    refuses to start with it, or the repository refuses that version and serves the rest."""
 
 
 @dataclass(frozen=True)

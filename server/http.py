@@ -1,9 +1,9 @@
-"""HTTP front in the same event loop (aiohttp): Open Inference Protocol REST routes, a picture
-upload endpoint and the draw-a-digit page, all over the same batcher as the gRPC fronts.
+"""The HTTP front (aiohttp, in the gRPC server's event loop): Open Inference Protocol REST
+routes, a picture upload endpoint and the draw-a-digit page, over the same data plane.
 
 Errors carry the same messages as gRPC with the HTTP status a browser or curl expects:
-400 bad input (also a body over the size limit), 404 unknown model, 429 queue full, 503 draining,
-504 deadline, 500 bug. The body is always JSON: {"error": "..."}.
+400 bad input (also a body over the size limit), 401 no token, 404 unknown model, 429 queue
+full, 503 draining, 504 deadline, 500 bug. The body is always JSON: {"error": "..."}.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
-import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -22,11 +22,11 @@ from aiohttp import BodyPartReader, web
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
-from digit_recognizer.protos import inference_pb2
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
+from digit_recognizer.server import openinference as oi
+from digit_recognizer.server.dataplane import Call, CallFailed, DataPlane
 from digit_recognizer.server.errors import InvalidInput
-from digit_recognizer.server.oip import InferenceService
-from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE
-from digit_recognizer.server.service import DigitClassifierService
+from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_http
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -39,29 +39,50 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
+_MODEL = "/v2/models/{name}"
+_VERSION = "/v2/models/{name}/versions/{version}"
 
 
-def build_app(
-    digits: DigitClassifierService, v2: InferenceService, max_body: int, token: str | None
-) -> web.Application:
+def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Application:
+    max_size = max(max_body, MAX_UPLOAD_BYTES)
     middlewares = [_bearer_token(token)] if token else []
-    app = web.Application(client_max_size=max(max_body, MAX_UPLOAD_BYTES), middlewares=middlewares)
-    routes = _Routes(digits, v2)
+    app = web.Application(client_max_size=max_size, middlewares=middlewares)
+    routes = _Routes(plane, max_size)
     app.router.add_get("/", routes.page)
     app.router.add_get("/v2/health/live", routes.live)
     app.router.add_get("/v2/health/ready", routes.ready)
-    app.router.add_get("/v2", routes.server_metadata)
-    app.router.add_get("/v2/models/{name}", routes.model_metadata)
-    app.router.add_get("/v2/models/{name}/ready", routes.model_ready)
-    app.router.add_post("/v2/models/{name}/infer", routes.infer)
-    app.router.add_post("/v1/classify", routes.classify_picture)
+    app.router.add_get("/v2", routes.observed("http_server_metadata", routes.server_metadata))
+    app.router.add_post("/v2/repository/index", routes.observed("http_index", routes.index))
+    for prefix in (_MODEL, _VERSION):
+        app.router.add_get(prefix, routes.observed("http_model_metadata", routes.metadata))
+        app.router.add_get(f"{prefix}/ready", routes.observed("http_model_ready", routes.ready_1))
+        app.router.add_post(f"{prefix}/infer", routes.observed("http_infer", routes.infer))
+    app.router.add_post("/v1/classify", routes.observed("http_classify", routes.classify_picture))
     return app
 
 
+Route = Callable[[Call, web.Request], Awaitable[dict[str, Any] | list[Any]]]
+
+
 class _Routes:
-    def __init__(self, digits: DigitClassifierService, v2: InferenceService) -> None:
-        self._digits = digits
-        self._v2 = v2
+    def __init__(self, plane: DataPlane, max_body: int) -> None:
+        self._plane = plane
+        self._max_body = max_body
+
+    def observed(self, method: str, route: Route) -> Callable[[web.Request], Awaitable[Any]]:
+        """The route as one observed data-plane call, answered as JSON."""
+
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                body = await self._plane.observed(method, route, request)
+            except CallFailed as failed:
+                status = failed.status
+                return web.json_response(
+                    {"error": status.message}, status=_HTTP_STATUS.get(status.code, 500)
+                )
+            return web.json_response(body)
+
+        return handle
 
     async def page(self, request: web.Request) -> web.Response:
         html = resources.files("digit_recognizer.server").joinpath("static/index.html")
@@ -71,31 +92,27 @@ class _Routes:
         return web.json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = not self._digits.draining
+        ready = not self._plane.draining
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "digit-recognizer", "extensions": []})
+    async def server_metadata(self, call: Call, request: web.Request) -> dict[str, Any]:
+        return {
+            "name": oi.SERVER_NAME,
+            "version": oi.server_version(),
+            "extensions": list(oi.EXTENSIONS),
+        }
 
-    async def model_metadata(self, request: web.Request) -> web.Response:
-        return await self._guarded("http_model_metadata", self._metadata(request))
+    async def index(self, call: Call, request: web.Request) -> list[dict[str, str]]:
+        body = await self._json_body(request) if request.can_read_body else {}
+        statuses = self._plane.statuses(ready_only=bool(body.get("ready", False)))
+        return [
+            {"name": s.model, "version": s.version, "state": s.state, "reason": s.reason}
+            for s in statuses
+        ]
 
-    async def model_ready(self, request: web.Request) -> web.Response:
-        async def check() -> dict[str, Any]:
-            self._v2.check_served(request.match_info["name"])
-            return {"name": request.match_info["name"], "ready": not self._digits.draining}
-
-        return await self._guarded("http_model_ready", check())
-
-    async def infer(self, request: web.Request) -> web.Response:
-        return await self._guarded("http_infer", self._infer(request))
-
-    async def classify_picture(self, request: web.Request) -> web.Response:
-        return await self._guarded("http_classify", self._classify_picture(request))
-
-    async def _metadata(self, request: web.Request) -> dict[str, Any]:
-        self._v2.check_served(request.match_info["name"])
-        meta = self._v2.metadata()
+    async def metadata(self, call: Call, request: web.Request) -> dict[str, Any]:
+        call.served = self._plane.resolve(*_model_of(request))
+        meta = oi.metadata(self._plane, call.served)
         return {
             "name": meta.name,
             "versions": list(meta.versions),
@@ -104,61 +121,69 @@ class _Routes:
             "outputs": [_tensor_json(t) for t in meta.outputs],
         }
 
-    async def _infer(self, request: web.Request) -> dict[str, Any]:
-        body = await _json_body(request)
+    async def ready_1(self, call: Call, request: web.Request) -> dict[str, Any]:
+        call.served = self._plane.resolve(*_model_of(request))
+        return {"name": call.served.name, "ready": not self._plane.draining}
+
+    async def infer(self, call: Call, request: web.Request) -> dict[str, Any]:
+        body = await self._json_body(request)
+        served = self._plane.choose(call, *_model_of(request))
         inputs = body.get("inputs")
         if not isinstance(inputs, list):
             raise InvalidInput('the body needs "inputs": [{"name", "shape", "datatype", "data"}]')
-        message = inference_pb2.ModelInferRequest(
-            model_name=request.match_info["name"], id=str(body.get("id", ""))
-        )
+        headers, values = [], []
         for item in inputs:
             if not isinstance(item, dict):
                 raise InvalidInput("each input must be an object with name, shape, datatype, data")
-            tensor = message.inputs.add(
-                name=str(item.get("name", "")), datatype=str(item.get("datatype", ""))
-            )
+            name = str(item.get("name", ""))
             try:
-                tensor.shape.extend(int(d) for d in item.get("shape", []))
+                shape = tuple(int(d) for d in item.get("shape", []))
                 data = np.asarray(item.get("data", []), dtype=np.float32).ravel()
             except (TypeError, ValueError) as exc:
                 raise InvalidInput(
-                    f"input {tensor.name!r}: shape and data must be numbers ({exc})"
+                    f"input {name!r}: shape and data must be numbers ({exc})"
                 ) from None
-            tensor.contents.fp32_contents.extend(data.tolist())
-        for wanted in body.get("outputs") or []:
-            message.outputs.add(
-                name=str(wanted.get("name", "")) if isinstance(wanted, dict) else ""
-            )
-        reply = await self._v2.infer(message, REQUEST_TIMEOUT_S)
-        outputs = []
-        for tensor, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
-            values = np.frombuffer(raw, "<f4")
-            outputs.append(
-                {
-                    "name": tensor.name,
-                    "datatype": tensor.datatype,
-                    "shape": list(tensor.shape),
-                    "data": values.tolist(),
-                }
-            )
+            headers.append(oi.TensorHeader(name, str(item.get("datatype", "")), shape))
+            values.append(data)
+        wanted = [
+            str(output.get("name", "")) if isinstance(output, dict) else ""
+            for output in body.get("outputs") or []
+        ]
+        images = oi.check_request(served, headers, wanted)
+        max_images = self._plane.limits.max_images_per_request
+        pixels = oi.to_pixels("inputs[0].data", images, values[0], max_images)
+        result = await self._plane.classify(served, pixels, REQUEST_TIMEOUT_S)
+        probabilities = result.outputs
         return {
-            "model_name": reply.model_name,
-            "model_version": reply.model_version,
-            "id": reply.id,
-            "outputs": outputs,
+            "model_name": served.name,
+            "model_version": result.version,
+            "id": str(body.get("id", "")),
+            "outputs": [
+                {
+                    "name": served.model.output_name,
+                    "datatype": oi.FP32,
+                    "shape": list(probabilities.shape),
+                    "data": probabilities.ravel().tolist(),
+                }
+            ],
         }
 
-    async def _classify_picture(self, request: web.Request) -> dict[str, Any]:
+    async def classify_picture(self, call: Call, request: web.Request) -> dict[str, Any]:
         name, data = await _upload(request)
+        asked = request.query.get("model", ""), request.query.get("model_version", "")
+        self._plane.resolve(*asked)  # an unknown model is refused before decoding
         try:
             pixels = await asyncio.to_thread(to_mnist, data, name)
         except ImageError as exc:
             raise InvalidInput(str(exc)) from None
-        result = await self._digits.classify_pixels(pixels.reshape(1, 784), REQUEST_TIMEOUT_S)
+        # Chosen only now: a version retired during the decode is never handed the picture.
+        served = self._plane.choose(call, *asked)
+        result = await self._plane.classify(
+            served, pixels.reshape(1, PIXELS_PER_IMAGE), REQUEST_TIMEOUT_S
+        )
         probabilities = result.outputs[0]
         digit = int(probabilities.argmax())
-        labels = self._digits.model.card.labels
+        labels = served.labels
         return {
             "name": name,
             "digit": digit,
@@ -170,50 +195,39 @@ class _Routes:
             "pixels": [round(float(v), 3) for v in pixels],
         }
 
-    async def _guarded(self, method: str, work: Any) -> web.Response:
-        started = time.perf_counter()
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = await work
-        except Exception as exc:
-            status = self._digits.status_of(exc, method)
-            self._digits.observe(method, status.code, started)
-            http_status = _HTTP_STATUS.get(status.code, 500)
-            return web.json_response({"error": status.message}, status=http_status)
-        self._digits.observe(method, grpc.StatusCode.OK, started)
-        return web.json_response(body)
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            raise InvalidInput(f"the body is larger than {self._max_body} bytes") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"the body is not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise InvalidInput("the body must be a JSON object")
+        return body
 
 
-def _tensor_json(tensor: inference_pb2.ModelMetadataResponse.TensorMetadata) -> dict[str, Any]:
+def _model_of(request: web.Request) -> tuple[str, str]:
+    return request.match_info["name"], request.match_info.get("version", "")
+
+
+def _tensor_json(tensor: oi.TensorHeader) -> dict[str, Any]:
     return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
 
 
 def _bearer_token(token: str) -> Any:
-    """Same rule as gRPC: everything but the page and the health routes needs the token."""
+    """Everything but the open routes (security.OPEN_ROUTES, the same for gRPC) needs it."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method == "POST" or request.path.startswith("/v2/models"):
+        if not is_open_http(request.method, request.path):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
                 return web.json_response({"error": UNAUTHENTICATED_MESSAGE}, status=401)
         return await handler(request)
 
     return check
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except web.HTTPRequestEntityTooLarge:
-        raise InvalidInput(
-            f"the body is larger than {request.app._client_max_size} bytes"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the body is not JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object")
-    return body
 
 
 async def _upload(request: web.Request) -> tuple[str, bytes]:
@@ -250,8 +264,8 @@ class HttpFront:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port)
         await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        addresses = self._runner.addresses
+        self.port = addresses[0][1] if addresses else self._port
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE, CardError, ModelCard
 from digit_recognizer.server.errors import ModelError
-from digit_recognizer.trainer.card import PIXELS_PER_IMAGE, CardError, ModelCard
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
 """Transport security and caller authentication.
 
 TLS or mutual TLS come from PEM files; a bearer token (read from a file, never a flag, so it
-stays out of `ps` and shell history) is checked by an interceptor before any handler runs, in
-constant time. Health checks stay open so that load balancers and kubelets can probe without
-credentials; everything else, reflection included, needs the token.
+stays out of `ps` and shell history) is checked before any handler runs, in constant time, by
+an interceptor (gRPC) and a middleware (HTTP). What stays open is one table, OPEN_ROUTES, for
+both transports: health and readiness probes (load balancers and kubelets carry no
+credentials) and the page (a browser cannot send the token with its first request).
+Everything else, reflection and server metadata included, needs the token.
 """
 
 from __future__ import annotations
@@ -18,12 +20,36 @@ import grpc
 
 from digit_recognizer.server import metrics
 
-# Probes need no credentials: gRPC health, and the Open Inference Protocol's liveness/readiness.
-OPEN_SERVICES = (
-    "/grpc.health.v1.Health/",
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
+
+@dataclass(frozen=True)
+class OpenRoute:
+    """One thing anyone may call without the token, as each transport spells it."""
+
+    purpose: str
+    grpc_prefix: str | None  # a full method name, or a service's prefix ending in "/"
+    http: tuple[str, str] | None  # (method, path)
+
+
+OPEN_ROUTES = (
+    OpenRoute("health checks", "/grpc.health.v1.Health/", None),
+    OpenRoute("liveness", "/inference.GRPCInferenceService/ServerLive", ("GET", "/v2/health/live")),
+    OpenRoute(
+        "readiness", "/inference.GRPCInferenceService/ServerReady", ("GET", "/v2/health/ready")
+    ),
+    OpenRoute("the draw-a-digit page", None, ("GET", "/")),
 )
+_OPEN_GRPC = tuple(route.grpc_prefix for route in OPEN_ROUTES if route.grpc_prefix)
+_OPEN_HTTP = frozenset(route.http for route in OPEN_ROUTES if route.http)
+
+
+def is_open_grpc(method: str) -> bool:
+    return method.startswith(_OPEN_GRPC)
+
+
+def is_open_http(method: str, path: str) -> bool:
+    return ("GET" if method == "HEAD" else method, path) in _OPEN_HTTP
+
+
 UNAUTHENTICATED_MESSAGE = (
     "missing or wrong credentials: send the metadata 'authorization: Bearer <token>'"
 )
@@ -91,9 +117,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method or ""
-        if handler is None or method.startswith(OPEN_SERVICES) or self._authorised(details):
+        if handler is None or is_open_grpc(method) or self._authorised(details):
             return handler
-        metrics.REQUESTS.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        metrics.REQUESTS.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", "", "").inc()
         return _refusing(handler)
 
     def _authorised(self, details: grpc.HandlerCallDetails) -> bool:

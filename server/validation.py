@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from digit_recognizer.protos import digits_pb2
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server.errors import InvalidInput, Violation
-from digit_recognizer.trainer.card import PIXELS_PER_IMAGE
 
 MAX_REQUEST_ID_CHARS = 128
 ENCODINGS = ("pixels", "pixels_f32le", "pixels_u8")

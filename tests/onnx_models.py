@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from digit_recognizer.trainer.card import ModelCard
+from digit_recognizer.protos.contract import ModelCard
 
 CARD = ModelCard(
     name="tiny",

@@ -112,7 +112,7 @@ async def test_the_page_is_served(http):
 async def test_draining_is_503(start_server, tiny_model_path):
     server = await start_server(tiny_model_path, http_port=0)
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
-        await server.service.drain(0)
+        await server.plane.drain(0)
         assert (await session.get("/v2/health/ready")).status == 503
         reply = await session.post(
             "/v1/classify", data=(EXAMPLES / "mnist-0-label7.png").read_bytes()

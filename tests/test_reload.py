@@ -17,7 +17,14 @@ from onnx_models import CARD, one_hot_image, save, tiny_model
 
 
 def reloads(result: str) -> float:
-    return REGISTRY.get_sample_value("digits_model_reloads_total", {"result": result}) or 0.0
+    """Over every model and version (the series also carry those labels)."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "digits_model_reloads"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["result"] == result
+    )
 
 
 def publish(model, path, scratch) -> None:

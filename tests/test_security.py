@@ -149,7 +149,7 @@ async def test_bearer_token_is_checked_before_any_work(start_server, tiny_model_
     async with AsyncDigitClient(target, credentials=Credentials(token="wrong")) as wrong:
         with pytest.raises(Unauthenticated):
             await wrong.classify(one_hot_image(2))
-    assert server.batcher.queued_images == 0
+    assert server.plane.queued_images == 0
     async with AsyncDigitClient(target, credentials=Credentials(token="s3cret-token")) as ok:
         assert (await ok.classify(one_hot_image(2))).digit == 2
         assert (await ok.model_info()).name == "tiny"

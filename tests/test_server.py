@@ -181,7 +181,7 @@ async def test_full_queue_gives_resource_exhausted_at_once(start_server, tiny_mo
         queued = asyncio.ensure_future(
             stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(2, 3, 4).ravel()))
         )
-        while server.batcher.queued_images < 3:
+        while server.plane.queued_images < 3:
             await asyncio.sleep(0.001)  # bounded by the test timeout
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub(chan).Classify(
@@ -223,7 +223,8 @@ async def test_expired_and_cancelled_requests_are_never_computed(start_server, t
     from prometheus_client import REGISTRY
 
     def skipped(reason: str) -> float:
-        return REGISTRY.get_sample_value("digits_skipped_total", {"reason": reason}) or 0.0
+        labels = {"reason": reason, "model": "tiny", "version": "1"}
+        return REGISTRY.get_sample_value("digits_skipped_total", labels) or 0.0
 
     before = {reason: skipped(reason) for reason in ("deadline", "cancelled")}
     model = gated(tiny_model_path)
@@ -240,12 +241,12 @@ async def test_expired_and_cancelled_requests_are_never_computed(start_server, t
             await expiring
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         cancelled = stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(8).ravel()))
-        while server.batcher.queued_images < 2:  # the expired one is still counted
+        while server.plane.queued_images < 2:  # the expired one is still counted
             await asyncio.sleep(0.001)
         cancelled.cancel()
         # The cancellation travels to the server asynchronously: release the model only once
         # both abandoned handlers are gone (only the blocker is still active).
-        while server.service.active_requests > 1:
+        while server.plane.active_requests > 1:
             await asyncio.sleep(0.001)  # bounded by the test timeout
         model.gate.set()
         await blocker
@@ -341,8 +342,9 @@ async def test_metrics_endpoint_scrapes(start_server, tiny_model_path):
     finally:
         http.shutdown()
     for needle in (
-        'digits_requests_total{code="OK",method="Classify"}',
-        'digits_requests_total{code="INVALID_ARGUMENT",method="Classify"}',
+        'digits_requests_total{code="OK",method="Classify",model="tiny",version="1"}',
+        # Refused after its model was chosen: labelled with it.
+        'digits_requests_total{code="INVALID_ARGUMENT",method="Classify",model="tiny",version="1"}',
         "digits_images_total",
         "digits_batch_size_images_bucket",
         "digits_queue_wait_seconds_bucket",

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from digit_recognizer.trainer.card import ModelCard
+from digit_recognizer.protos.contract import ModelCard
 from digit_recognizer.trainer.cli import main
 from digit_recognizer.trainer.config import BEST, NOTEBOOK
 from digit_recognizer.trainer.data import load_dataset, to_model_inputs

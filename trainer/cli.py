@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from digit_recognizer.trainer.card import CardError, ModelCard
+from digit_recognizer.protos.contract import CardError, ModelCard
 from digit_recognizer.trainer.config import (
     ACTIVATIONS,
     LOSSES,

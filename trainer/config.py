@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from digit_recognizer.trainer.card import DEFAULT_LABELS
+from digit_recognizer.protos.contract import DEFAULT_LABELS
 
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd", "nadam", "adagrad")
 LOSSES = (

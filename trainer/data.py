@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SIDE = 28
+from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
+
 IDX_UBYTE = 0x08
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 
@@ -189,4 +190,4 @@ def _load_keras_download() -> Dataset:
 
 def to_model_inputs(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 784) in [0, 1]: the service's input contract."""
-    return images.reshape(len(images), IMAGE_SIDE * IMAGE_SIDE).astype(np.float32) / 255.0
+    return images.reshape(len(images), PIXELS_PER_IMAGE).astype(np.float32) / 255.0

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from digit_recognizer.trainer.card import INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE, ModelCard
+from digit_recognizer.protos.contract import INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE, ModelCard
 
 # 17 is the oldest opset with everything this graph needs that every maintained runtime
 # (onnxruntime >= 1.13, TensorRT 8.6, OpenVINO, onnx.js) executes; nothing newer buys us anything.

@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from digit_recognizer.protos.contract import IMAGE_SIDE, INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE
 from digit_recognizer.trainer.augment import Distorter, Distortion
-from digit_recognizer.trainer.card import INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE
 from digit_recognizer.trainer.config import TrainConfig
-from digit_recognizer.trainer.data import IMAGE_SIDE, Dataset, to_model_inputs
+from digit_recognizer.trainer.data import Dataset, to_model_inputs
 
 
 @dataclass(frozen=True)

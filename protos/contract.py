@@ -1,7 +1,12 @@
-"""The model card: what a model file says about itself, stored in ONNX `metadata_props`.
+"""The input contract and the model card: what trainer, server and client agree on.
+
+The contract: an image is IMAGE_SIDE x IMAGE_SIDE pixels, row-major, float32 in [0, 1],
+0 = background, 1 = ink (MNIST's light-on-dark). The model card is what a model file says
+about itself, stored in ONNX `metadata_props`.
 
 Pure standard library on purpose: the server reads cards through onnxruntime's
-`custom_metadata_map` and must not need TensorFlow or the `onnx` package to do it.
+`custom_metadata_map` and must not need TensorFlow or the `onnx` package to do it; the
+client needs neither.
 Each field is one metadata key; structured fields are JSON so that any ONNX tool
 (Netron, `onnx.load`, onnxruntime) shows them readably.
 """
@@ -14,15 +19,18 @@ from typing import Any
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
-PIXELS_PER_IMAGE = 784
+IMAGE_SIDE = 28
+PIXELS_PER_IMAGE = IMAGE_SIDE * IMAGE_SIDE
+PIXEL_RANGE = (0.0, 1.0)
+BACKGROUND = 0.0
 DEFAULT_LABELS = tuple(str(d) for d in range(10))
 INPUT_CONTRACT: dict[str, Any] = {
     "name": INPUT_NAME,
     "shape": [-1, PIXELS_PER_IMAGE],
     "dtype": "float32",
-    "layout": "28x28 row-major",
-    "range": [0.0, 1.0],
-    "background": 0.0,
+    "layout": f"{IMAGE_SIDE}x{IMAGE_SIDE} row-major",
+    "range": list(PIXEL_RANGE),
+    "background": BACKGROUND,
     "ink": 1.0,
 }
 _JSON_FIELDS = {"labels", "training_config", "input_contract", "library_versions"}

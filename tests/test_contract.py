@@ -1,6 +1,6 @@
 import pytest
 
-from digit_recognizer.trainer.card import CardError, ModelCard
+from digit_recognizer.protos.contract import CardError, ModelCard
 
 CARD = ModelCard(
     name="digits-mlp",

@@ -1,0 +1,323 @@
+"""The data plane: what every front (digits.v1, Open Inference Protocol gRPC, HTTP) calls.
+
+Protocol-neutral: numpy arrays and plain objects in and out, never protobuf or HTTP types. It
+holds the served model versions (each with its own batcher), picks the version a call asks
+for, turns a call's remaining time into a deadline, counts accepted calls for draining, and
+runs every call through `observed`, which times it, records its metrics and maps its failure
+through errors.py to one `Status` that each front turns into its own wire error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
+
+import grpc
+import numpy as np
+
+from digit_recognizer.server import metrics
+from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, BatchResult
+from digit_recognizer.server.errors import (
+    ModelNotFound,
+    NotServing,
+    ServingError,
+    Status,
+    to_status,
+)
+from digit_recognizer.server.inference import Model
+
+log = logging.getLogger(__name__)
+DRAIN_QUIET_S = 0.25
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_images_per_request: int
+    max_message_bytes: int
+
+
+class ServedVersion:
+    """One loaded model version, served by its own batcher under (name, version)."""
+
+    def __init__(self, name: str, version: str, model: Model, limits: BatcherLimits) -> None:
+        self.name = name
+        self.version = version
+        self.model = model
+        self.series = metrics.VersionSeries.of(name, version)
+        self.batcher = Batcher(
+            model.predict,
+            limits,
+            on_batch=self._record_batch,
+            on_skip=lambda reason: self.series.skipped[reason].inc(),
+            version=version,
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.version
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.model.card.labels
+
+    def _record_batch(self, event: BatchEvent) -> None:
+        self.series.batch_size.observe(event.size)
+        self.series.batch_compute.observe(event.compute_us / 1e6)
+        self.series.queue_depth.set(self.batcher.queued_images)  # sampled at every model run
+        if event.failed:
+            self.series.failed_batches.inc()
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    model: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str = ""
+
+
+class CallFailed(Exception):
+    """A call ended in an error status; the front sends `status` in its own wire format."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+
+class Call:
+    """One call in progress: which version served it, for its metrics' labels."""
+
+    __slots__ = ("served",)
+
+    def __init__(self) -> None:
+        self.served: ServedVersion | None = None
+
+
+class DataPlane:
+    def __init__(self, limits: RequestLimits, batcher_limits: BatcherLimits) -> None:
+        self.limits = limits
+        self.batcher_limits = batcher_limits
+        self.default_model = ""
+        self._models: dict[str, dict[str, ServedVersion]] = {}
+        self._latest: dict[str, ServedVersion] = {}
+        self._unavailable: dict[tuple[str, str], str] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._last_arrival = 0.0
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # The served versions: changed by the repository, read by every call.
+
+    def serve(self, served: ServedVersion) -> None:
+        """Serve `served` from now on, in place of a version of the same name and number."""
+        versions = self._models.setdefault(served.name, {})
+        replaced = versions.get(served.version)
+        versions[served.version] = served
+        self._unavailable.pop(served.key, None)
+        served.batcher.start()
+        metrics.MODEL_INFO.labels(
+            served.name, served.version, served.model.provider, served.model.file_sha256
+        ).set(1)
+        self._update_latest(served.name)
+        if replaced is not None:
+            self._close_later(replaced)
+
+    def retire(self, served: ServedVersion) -> None:
+        """Stop choosing `served`; what its batcher already accepted is still computed."""
+        versions = self._models.get(served.name, {})
+        if versions.get(served.version) is not served:
+            return
+        del versions[served.version]
+        if not versions:
+            del self._models[served.name]
+        self._update_latest(served.name)
+        self._close_later(served)
+
+    def mark_unavailable(self, name: str, version: str, reason: str) -> None:
+        self._unavailable[(name, version)] = reason
+
+    def forget_unavailable(self, name: str, version: str) -> None:
+        self._unavailable.pop((name, version), None)
+
+    def served(self) -> list[ServedVersion]:
+        """Every served version, by model name, then version."""
+        return [
+            self._models[name][version]
+            for name in sorted(self._models)
+            for version in sorted(self._models[name], key=_version_order)
+        ]
+
+    def statuses(self, ready_only: bool = False) -> list[VersionStatus]:
+        states = [VersionStatus(s.name, s.version, READY) for s in self.served()]
+        if not ready_only:
+            states += [
+                VersionStatus(name, version, UNAVAILABLE, reason)
+                for (name, version), reason in self._unavailable.items()
+            ]
+        return sorted(states, key=lambda s: (s.model, _version_order(s.version)))
+
+    def resolve(self, model: str = "", version: str = "") -> ServedVersion:
+        """The version a caller asks for: empty model = the default model, empty version =
+        its latest served version. ModelNotFound (listing what is served) otherwise."""
+        name = model or self.default_model
+        versions = self._models.get(name, {})
+        served = versions.get(version) if version else self._latest.get(name)
+        if served is None:
+            raise self._not_found(model, version)
+        return served
+
+    def is_served(self, model: str, version: str = "") -> bool:
+        try:
+            self.resolve(model, version)
+        except ModelNotFound:
+            return False
+        return True
+
+    @property
+    def queued_images(self) -> int:
+        return sum(served.batcher.queued_images for served in self.served())
+
+    # Calls.
+
+    async def observed(
+        self,
+        method: str,
+        work: Callable[Concatenate[Call, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run `work(call, ...)` as one call of `method`: timed, counted by status code and
+        served version; any failure becomes CallFailed carrying its Status."""
+        started = time.perf_counter()
+        self._last_arrival = started
+        call = Call()
+        try:
+            value = await work(call, *args, **kwargs)
+        except Exception as exc:
+            status = to_status(exc)
+            if not isinstance(exc, ServingError):  # a bug: the details go to the log only
+                log.error("%s failed", method, exc_info=exc)
+            elif status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and call.served is not None:
+                call.served.series.rejected.inc()
+            self._record(method, status.code, call, started)
+            raise CallFailed(status) from None
+        self._record(method, grpc.StatusCode.OK, call, started)
+        return value
+
+    def choose(self, call: Call, model: str = "", version: str = "") -> ServedVersion:
+        """The version that will compute this call; UNAVAILABLE while draining."""
+        if self._draining:
+            raise NotServing("the server is shutting down; retry (on another replica)")
+        call.served = self.resolve(model, version)
+        return call.served
+
+    async def classify(
+        self, served: ServedVersion, pixels: np.ndarray, remaining: float | None
+    ) -> BatchResult:
+        """Validated (N, 784) pixels through `served`'s batcher within `remaining` seconds
+        (None: no deadline)."""
+        deadline = None if remaining is None else time.monotonic() + remaining
+        self._active += 1
+        self._idle.clear()
+        metrics.IN_FLIGHT.inc()
+        try:
+            result = await served.batcher.submit(pixels, deadline)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+        served.series.images.inc(len(pixels))
+        served.series.queue_wait.observe(result.queue_us / 1e6)
+        return result
+
+    # Draining and shutdown.
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work with UNAVAILABLE; wait up to timeout_s for accepted work to finish.
+
+        The transport stays open meanwhile: a call that reached us gets a clear, retryable
+        UNAVAILABLE instead of the CANCELLED that closing the port gives calls not yet handled.
+        """
+        self._draining = True
+        give_up = time.perf_counter() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, give_up - time.perf_counter()))
+            except TimeoutError:
+                return False
+            # Calls the transport already holds keep arriving for a moment; only when none has
+            # come for a quiet period is it safe to close the port.
+            now = time.perf_counter()
+            quiet_for = now - self._last_arrival
+            if quiet_for >= DRAIN_QUIET_S or now >= give_up:
+                return self._active == 0
+            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_for, max(0.0, give_up - now)))
+
+    async def close(self) -> None:
+        """Finish what every batcher accepted, then stop them."""
+        for served in self.served():
+            self._close_later(served)
+        self._models.clear()
+        self._latest.clear()
+        await asyncio.gather(*self._closing)
+
+    # Internals.
+
+    def _update_latest(self, name: str) -> None:
+        versions = self._models.get(name)
+        if versions:
+            self._latest[name] = versions[max(versions, key=_version_order)]
+        else:
+            self._latest.pop(name, None)
+
+    def _close_later(self, served: ServedVersion) -> None:
+        metrics.MODEL_INFO.labels(
+            served.name, served.version, served.model.provider, served.model.file_sha256
+        ).set(0)
+        task = asyncio.get_running_loop().create_task(served.batcher.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _record(self, method: str, code: grpc.StatusCode, call: Call, started: float) -> None:
+        served = call.served
+        count, latency = metrics.request_series(
+            method, code.name, served.name if served else "", served.version if served else ""
+        )
+        count.inc()
+        latency.observe(time.perf_counter() - started)
+
+    def _not_found(self, model: str, version: str) -> ModelNotFound:
+        served = "; ".join(
+            f"{name!r} version{'s' if len(versions) > 1 else ''} "
+            + ", ".join(repr(v) for v in sorted(versions, key=_version_order))
+            for name, versions in sorted(self._models.items())
+        )
+        if not model:
+            asked = f"the default model {self.default_model!r}"
+            asked += f" version {version!r}" if version else " (no version is served)"
+            return ModelNotFound(f"no {asked} here; this server serves {served or 'nothing'}")
+        asked = f"{model!r}" + (f" version {version!r}" if version else "")
+        return ModelNotFound(f"no model {asked} here; this server serves {served or 'nothing'}")
+
+
+def _version_order(version: str) -> tuple[int, int, str]:
+    """Numeric versions by value (2 before 10), then any others by name."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
