@@ -17,12 +17,14 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
+
 BATCH_SIZES = (1, 32, 128, 256, 1024)  # 256: the bench's bulk request size
 
 
 def images_per_second(session: ort.InferenceSession, batch: int, seconds: float) -> float:
     name = session.get_inputs()[0].name
-    feed = {name: np.random.default_rng(0).random((batch, 784), dtype=np.float32)}
+    feed = {name: np.random.default_rng(0).random((batch, PIXELS_PER_IMAGE), dtype=np.float32)}
     for _ in range(3):
         session.run(None, feed)
     runs = 0

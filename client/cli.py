@@ -77,6 +77,15 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
         show_envvar=True,
         help="File holding a bearer token.",
     )
+    @click.option(
+        "--model",
+        default="",
+        show_envvar=True,
+        help="Model to ask (digit-client models lists them); default: the server's default.",
+    )
+    @click.option(
+        "--model-version", default="", show_envvar=True, help="Its version; default: the latest."
+    )
     @functools.wraps(command)
     def wrapper(
         target: str,
@@ -86,6 +95,8 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
         client_cert: Path | None,
         client_key: Path | None,
         token_file: Path | None,
+        model: str,
+        model_version: str,
         **kwargs: Any,
     ) -> Any:
         credentials = Credentials(
@@ -96,7 +107,12 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             tls=tls,
         )
         connect = functools.partial(
-            DigitClient, target=target, timeout=timeout, credentials=credentials
+            DigitClient,
+            target=target,
+            timeout=timeout,
+            credentials=credentials,
+            model=model,
+            model_version=model_version,
         )
         try:
             return command(connect=connect, **kwargs)
@@ -116,6 +132,7 @@ def main() -> None:
       digit-client classify photo.jpg --show --top-k 3
       digit-client classify --json scans/ > answers.jsonl
       digit-client info
+      digit-client models
       digit-client health && echo ready
       digit-client bench --concurrency 64 --duration 10
     """
@@ -218,6 +235,30 @@ def info(connect: Callable[[], DigitClient], as_json: bool) -> None:
     for key, value in data.items():
         table.add_row(key, value if isinstance(value, str) else json.dumps(value))
     Console().print(table)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version per line.")
+@connection_options
+def models(connect: Callable[[], DigitClient], as_json: bool) -> None:
+    """The server's models and versions: READY (served) or UNAVAILABLE (and why).
+
+    \b
+    Examples:
+      digit-client models
+      digit-client classify seven.png --model best --model-version 2
+    """
+    with connect() as client:
+        listed = client.list_models()
+    for status in listed.models:
+        default = status.model == listed.default_model
+        if as_json:
+            entry = {"model": status.model, "version": status.version, "state": status.state}
+            click.echo(json.dumps(entry | {"reason": status.reason, "default": default}))
+        else:
+            mark = " (default)" if default else ""
+            why = f"  {status.reason}" if status.reason else ""
+            click.echo(f"{status.model}{mark}\t{status.version}\t{status.state}{why}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -348,13 +389,15 @@ async def _bench(
         await client.health()  # connect before the clock starts
         timeout = client.timeout
         call: Any = client._stub.Classify
+        request.model, request.model_version = client.model, client.model_version
         if protocol == "v2":
-            name = (await client.model_info()).name
+            info = await client.model_info()
             tensor = inference_pb2.ModelInferRequest.InferInputTensor(
                 name="pixels", datatype="FP32", shape=[batch_size, PIXELS_PER_IMAGE]
             )
             request = inference_pb2.ModelInferRequest(
-                model_name=name,
+                model_name=info.model,
+                model_version=client.model_version,
                 inputs=[tensor],
                 raw_input_contents=[pixels.astype("<f4").tobytes()],
             )

@@ -217,9 +217,13 @@ class _Base:
         credentials: Credentials | None,
         metadata: Sequence[tuple[str, str]],
         options: Sequence[tuple[str, Any]],
+        model: str,
+        model_version: str,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.model = model  # "" = the server's default model
+        self.model_version = model_version  # "" = its latest served version
         self._credentials = credentials or Credentials()
         self._metadata = _metadata(self._credentials, metadata)
         self._options = _channel_options(options)
@@ -227,6 +231,13 @@ class _Base:
 
     def _error(self, error: grpc.RpcError) -> DigitClientError:
         return from_rpc_error(error, self.target)
+
+    def _addressed(self, request: digits_pb2.ClassifyRequest) -> digits_pb2.ClassifyRequest:
+        request.model, request.model_version = self.model, self.model_version
+        return request
+
+    def _info_request(self) -> digits_pb2.GetModelInfoRequest:
+        return digits_pb2.GetModelInfoRequest(model=self.model, model_version=self.model_version)
 
 
 class DigitClient(_Base):
@@ -240,8 +251,10 @@ class DigitClient(_Base):
         credentials: Credentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
+        model: str = "",
+        model_version: str = "",
     ) -> None:
-        super().__init__(target, timeout, credentials, metadata, options)
+        super().__init__(target, timeout, credentials, metadata, options, model, model_version)
         secure = _channel_credentials(self._credentials)
         self._channel = (
             grpc.secure_channel(target, secure, self._options)
@@ -300,7 +313,7 @@ class DigitClient(_Base):
             for index, images in enumerate(batches):
                 request = _stream_request(images, top_k, str(index), rejected)
                 if request is not None:
-                    yield request
+                    yield self._addressed(request)
 
         try:
             for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
@@ -313,7 +326,16 @@ class DigitClient(_Base):
     def model_info(self) -> digits_pb2.ModelInfo:
         try:
             return self._stub.GetModelInfo(
-                digits_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+                self._info_request(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def list_models(self) -> digits_pb2.ListModelsResponse:
+        """Every model and version the server knows of, READY or UNAVAILABLE (with why)."""
+        try:
+            return self._stub.ListModels(
+                digits_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
@@ -333,7 +355,9 @@ class DigitClient(_Base):
 
     def _call(self, request: digits_pb2.ClassifyRequest) -> list[Prediction]:
         try:
-            reply = self._stub.Classify(request, timeout=self.timeout, metadata=self._metadata)
+            reply = self._stub.Classify(
+                self._addressed(request), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise self._error(error) from None
         return decode(reply)
@@ -355,8 +379,10 @@ class AsyncDigitClient(_Base):
         credentials: Credentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
+        model: str = "",
+        model_version: str = "",
     ) -> None:
-        super().__init__(target, timeout, credentials, metadata, options)
+        super().__init__(target, timeout, credentials, metadata, options, model, model_version)
         secure = _channel_credentials(self._credentials)
         self._channel = (
             grpc.aio.secure_channel(target, secure, self._options)
@@ -402,7 +428,7 @@ class AsyncDigitClient(_Base):
                 request = _stream_request(images, top_k, str(index), rejected)
                 index += 1
                 if request is not None:
-                    yield request
+                    yield self._addressed(request)
 
         try:
             async for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
@@ -417,7 +443,15 @@ class AsyncDigitClient(_Base):
     async def model_info(self) -> digits_pb2.ModelInfo:
         try:
             return await self._stub.GetModelInfo(
-                digits_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+                self._info_request(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    async def list_models(self) -> digits_pb2.ListModelsResponse:
+        try:
+            return await self._stub.ListModels(
+                digits_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
@@ -437,7 +471,7 @@ class AsyncDigitClient(_Base):
     async def _call(self, request: digits_pb2.ClassifyRequest) -> list[Prediction]:
         try:
             reply = await self._stub.Classify(
-                request, timeout=self.timeout, metadata=self._metadata
+                self._addressed(request), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None

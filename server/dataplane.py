@@ -63,6 +63,12 @@ class ServedVersion:
     def key(self) -> tuple[str, str]:
         return self.name, self.version
 
+    def swap(self, model: Model, version: str) -> None:
+        """Another file for the same place: queued work runs on it from the next model run."""
+        self.model, self.version = model, version
+        self.series = metrics.VersionSeries.of(self.name, version)
+        self.batcher.swap(model.predict, version)
+
     @property
     def labels(self) -> tuple[str, ...]:
         return self.model.card.labels
@@ -124,9 +130,23 @@ class DataPlane:
         versions[served.version] = served
         self._unavailable.pop(served.key, None)
         served.batcher.start()
-        metrics.MODEL_INFO.labels(
-            served.name, served.version, served.model.provider, served.model.file_sha256
-        ).set(1)
+        self._model_info(served, 1)
+        self._update_latest(served.name)
+        if replaced is not None:
+            self._close_later(replaced)
+
+    def swap(self, served: ServedVersion, model: Model, version: str) -> None:
+        """Replace `served`'s model in place (its file changed), under `version` from now on:
+        what is queued runs on the new model, so no reply goes back to the old one."""
+        self._model_info(served, 0)
+        versions = self._models[served.name]
+        if versions.get(served.version) is served:
+            del versions[served.version]
+        served.swap(model, version)
+        replaced = versions.get(version)
+        versions[version] = served
+        self._unavailable.pop(served.key, None)
+        self._model_info(served, 1)
         self._update_latest(served.name)
         if replaced is not None:
             self._close_later(replaced)
@@ -289,12 +309,17 @@ class DataPlane:
             self._latest.pop(name, None)
 
     def _close_later(self, served: ServedVersion) -> None:
-        metrics.MODEL_INFO.labels(
-            served.name, served.version, served.model.provider, served.model.file_sha256
-        ).set(0)
+        self._model_info(served, 0)
         task = asyncio.get_running_loop().create_task(served.batcher.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    def _model_info(served: ServedVersion, value: int) -> None:
+        model = served.model
+        metrics.MODEL_INFO.labels(
+            served.name, served.version, model.provider, model.file_sha256
+        ).set(value)
 
     def _record(self, method: str, code: grpc.StatusCode, call: Call, started: float) -> None:
         served = call.served

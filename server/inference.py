@@ -122,7 +122,9 @@ def _open(path: Path, data: bytes, provider: str, options: InferenceOptions) -> 
         or (inputs[0].shape[1] != PIXELS_PER_IMAGE)
     ):
         found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
-        raise ModelError(f"{path}: expected one float input [batch, 784], found {found}")
+        raise ModelError(
+            f"{path}: expected one float input [batch, {PIXELS_PER_IMAGE}], found {found}"
+        )
     if len(outputs) != 1 or len(outputs[0].shape) != 2 or (outputs[0].shape[1] != len(card.labels)):
         found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs)
         raise ModelError(

@@ -9,7 +9,9 @@ Two layouts:
   the file (atomically, as `digit-train` writes it) replaces the version.
 
 Every poll interval the files are compared with what is served: a new or changed version is
-loaded, validated and warmed up off the event loop and only then served; a version that
+loaded, validated and warmed up off the event loop and only then served (a changed file is
+swapped into its version's batcher between two model runs, so work queued for it runs on the
+new file and no reply goes back to the old one); a version that
 fails any check is refused with one log line and a `refused` reload metric, not retried
 until its file changes, and never displaces what is serving (with `latest`, the newest
 version that loads is the one served). A version removed from DIR stops being chosen at once
@@ -34,7 +36,7 @@ from digit_recognizer.server.inference import InferenceOptions, Model, load_mode
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
-POLICIES = ("latest", "all", "specific")
+_MAX_PASSES = 32
 
 Signature = tuple[int, int, int]
 
@@ -139,9 +141,18 @@ class ModelRepository:
 
     async def poll(self) -> None:
         """Bring what is served in line with what the files and the policy say."""
-        for found in self._wanted():
-            loaded = self._loaded.get(found.path)
-            if loaded is None or loaded[0] != found.signature:
+        # Every pass loads or refuses at least one file, and refused ones leave the wanted
+        # list (with `latest`, the next lower version is wanted instead); the cap only matters
+        # for files rewritten faster than they load, which the next poll picks up.
+        for _ in range(_MAX_PASSES):
+            changed = [
+                found
+                for found in self._wanted()
+                if (loaded := self._loaded.get(found.path)) is None or loaded[0] != found.signature
+            ]
+            if not changed:
+                break
+            for found in changed:
                 await self._load(found)
         if self._is_directory:  # a vanished --model FILE is mid-replacement: keep serving it
             wanted = {found.path for found in self._wanted()}
@@ -159,16 +170,16 @@ class ModelRepository:
     def _wanted(self) -> list[_Found]:
         if not self._is_directory:
             signature = _signature(self._source)
-            return [] if signature is None else [_Found("", "", self._source, signature)]
+            found = [] if signature is None else [_Found("", "", self._source, signature)]
+            return [f for f in found if not self._was_refused(f)]
         wanted = []
         for _, versions in sorted(_scan(self._source).items()):
-            loadable = {
-                number: found
-                for number, found in versions.items()
-                if self._refused.get(found.path) != found.signature
-            }
+            loadable = {n: f for n, f in versions.items() if not self._was_refused(f)}
             wanted += [loadable[number] for number in sorted(self._policy.select(loadable))]
         return wanted
+
+    def _was_refused(self, found: _Found) -> bool:
+        return self._refused.get(found.path) == found.signature
 
     async def _load(self, found: _Found) -> None:
         try:
@@ -180,6 +191,7 @@ class ModelRepository:
 
     def _add(self, found: _Found, model: Model) -> None:
         previous = self._loaded.get(found.path)
+        replaced_version = previous[1].version if previous else ""
         name = found.name or (previous[1].name if previous else model.card.name)
         version = found.version or model.card.version
         others = [s for s in self._plane.served() if s.name == name and s.version != version]
@@ -192,12 +204,14 @@ class ModelRepository:
                 version,
             )
             return
-        served = ServedVersion(name, version, model, self._batcher_limits)
-        self._plane.serve(served)
+        if previous is None:
+            served = ServedVersion(name, version, model, self._batcher_limits)
+            self._plane.serve(served)
+        else:  # the same file replaced: swapped in place, between two model runs
+            served = previous[1]
+            self._plane.swap(served, model, version)
         self._loaded[found.path] = (found.signature, served)
         self._refused.pop(found.path, None)
-        if previous is not None and previous[1].key != served.key:
-            self._plane.retire(previous[1])  # --model FILE replaced by another version
         metrics.RELOADS.labels("ok", name, version).inc()
         log.info(
             "loaded",
@@ -208,7 +222,7 @@ class ModelRepository:
                     "path": str(found.path),
                     "sha256": model.file_sha256,
                     "provider": model.provider,
-                    **({"replaces": previous[1].version} if previous else {}),
+                    **({"replaces": replaced_version} if previous else {}),
                 }
             },
         )

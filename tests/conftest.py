@@ -65,14 +65,15 @@ async def start_server():
     """Factory: a real in-process gRPC server on 127.0.0.1:0; stopped after the test."""
     from digit_recognizer.server.app import start_server as start
     from digit_recognizer.server.config import ServerConfig
-    from digit_recognizer.server.inference import InferenceOptions, load_model
 
     running = []
 
-    async def factory(model_path: Path, model=None, **overrides):
+    async def factory(model_path: Path | None, model=None, **overrides):
+        """`model_path`: --model; None with `model_repository=DIR` in the overrides.
+        `model`: an already-loaded (or fake) model for model_path."""
         settings = {"host": "127.0.0.1", "port": 0, "metrics_port": None, "plaintext": True}
-        config = ServerConfig(model=model_path, **(settings | overrides))
-        model = model or load_model(model_path, InferenceOptions(provider="cpu"))
+        settings["provider"] = "cpu"
+        config = ServerConfig(model=model_path or Path("-"), **(settings | overrides))
         server = await start(config, model)
         running.append(server)
         return server

@@ -1,8 +1,9 @@
 """Small ONNX models built with onnx.helper, so server tests need no TensorFlow.
 
 `tiny_model`: class k scores the ink on pixels whose index % 10 == k, so an image with only
-pixel k lit is classified as k. `slow_model`: the same answers behind wide layers that make
-each image cost ~20 MFLOP, for tests that need requests to stay in flight.
+pixel k lit is classified as k (with `shift`, as k + shift: a model that answers otherwise).
+`slow_model`: the same answers behind wide layers that make each image cost ~20 MFLOP, for
+tests that need requests to stay in flight.
 """
 
 from __future__ import annotations
@@ -62,21 +63,21 @@ def _model(
     return model
 
 
-def _scoring_weights(input_width: int = 784, classes: int = 10) -> np.ndarray:
+def _scoring_weights(input_width: int = 784, classes: int = 10, shift: int = 0) -> np.ndarray:
     weights = np.zeros((input_width, classes), np.float32)
-    weights[np.arange(input_width), np.arange(input_width) % classes] = 10.0
+    weights[np.arange(input_width), (np.arange(input_width) + shift) % classes] = 10.0
     return weights
 
 
 def tiny_model(
-    card: ModelCard | None = CARD, input_width: int = 784, output_width: int = 10
+    card: ModelCard | None = CARD, input_width: int = 784, output_width: int = 10, shift: int = 0
 ) -> onnx.ModelProto:
     return _model(
         [
             helper.make_node("MatMul", ["pixels", "w"], ["logits"]),
             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
         ],
-        {"w": _scoring_weights(input_width, output_width)},
+        {"w": _scoring_weights(input_width, output_width, shift)},
         card,
         input_width,
         output_width,

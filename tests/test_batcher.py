@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent
+from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, RunPolicy
 from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
 
 
@@ -126,6 +126,40 @@ async def test_a_failing_inline_run_fails_its_callers_and_the_worker_goes_on():
     with pytest.raises(BatchFailed):
         await batcher.submit(ids(1))  # inline, raises
     assert (await batcher.submit(ids(5))).outputs.item() == 10
+    await batcher.close()
+
+
+def test_the_run_policy_goes_inline_only_for_runs_known_to_be_short():
+    policy = RunPolicy(inline_max_us=250)
+    assert not policy.inline(1)  # speed unknown: the worker thread
+    policy.ran(4, 100e-6)
+    assert policy.inline(1) and policy.inline(4)  # fewer images: assumed no faster
+    assert policy.inline(10) and not policy.inline(11)  # more: proportionally slower
+    policy.forget()  # another model
+    assert not policy.inline(1)
+    never = RunPolicy(inline_max_us=0)
+    never.ran(1, 1e-9)
+    assert not never.inline(1)
+
+
+async def test_compute_time_is_time_in_the_model_on_the_worker_path_too():
+    """A fast run whose result waits for a busy loop: the wait is not compute time."""
+    started, finish = threading.Event(), threading.Event()
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        assert finish.wait(timeout=10)
+        return batch
+
+    batcher = Batcher(predict, BatcherLimits(inline_max_us=0), on_batch=(events := []).append)
+    batcher.start()
+    submitted = asyncio.ensure_future(batcher.submit(ids(1)))
+    while not started.is_set():
+        await asyncio.sleep(0.001)  # bounded by the test timeout
+    finish.set()
+    time.sleep(0.05)  # the loop is busy while the result is handed back
+    result = await submitted
+    assert result.compute_us < 40_000 and events[0].compute_us == result.compute_us
     await batcher.close()
 
 

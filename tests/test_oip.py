@@ -100,3 +100,19 @@ async def test_errors_match_the_digits_api(v2_stub, make, code, message):
         await stub.ModelInfer(make())
     assert info.value.code().name == code
     assert message in info.value.details()
+
+
+async def test_malformed_messages_are_invalid_argument_on_every_service(v2_stub):
+    """The same lenient parsing as digits.v1 (it used to be UNKNOWN naming a Python class)."""
+    _, server = v2_stub
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method in ("/inference.GRPCInferenceService/ModelInfer",
+                       "/inference.GRPCInferenceService/ServerLive",
+                       "/digits.v1.DigitClassifier/ListModels"):  # fmt: skip
+            call = channel.unary_unary(method)  # bytes in, bytes out
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(b"\xff\xff\xff")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "is not a valid" in info.value.details() and "class" not in (
+                info.value.details()
+            )

@@ -155,6 +155,31 @@ async def test_bearer_token_is_checked_before_any_work(start_server, tiny_model_
         assert (await ok.model_info()).name == "tiny"
 
 
+async def test_http_and_grpc_open_the_same_routes(start_server, tiny_model_path, pki):
+    """security.OPEN_ROUTES, one table: probes and the page; metadata needs the token on both."""
+    import aiohttp
+
+    from digit_recognizer.protos import inference_pb2, inference_pb2_grpc
+
+    server = await start_server(tiny_model_path, auth_token_file=pki.token, http_port=0)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http:
+        for path in ("/", "/v2/health/live", "/v2/health/ready"):
+            assert (await http.get(path)).status == 200, path
+        for method, path in (("GET", "/v2"), ("GET", "/v2/models/tiny"), ("POST", "/v1/classify"),
+                             ("POST", "/v2/repository/index")):  # fmt: skip
+            reply = await http.request(method, path)
+            assert reply.status == 401 and "Bearer" in (await reply.json())["error"], path
+        token = {"Authorization": "Bearer s3cret-token"}
+        assert (await http.get("/v2", headers=token)).status == 200
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        oip = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert (await oip.ServerLive(inference_pb2.ServerLiveRequest())).live
+        assert (await oip.ServerReady(inference_pb2.ServerReadyRequest())).ready
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await oip.ServerMetadata(inference_pb2.ServerMetadataRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_token_over_tls_uses_call_credentials(start_server, tiny_model_path, pki):
     server = await start_server(
         tiny_model_path,
