@@ -55,7 +55,9 @@ def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Applica
     app.router.add_post("/v2/repository/index", routes.observed("http_index", routes.index))
     for prefix in (_MODEL, _VERSION):
         app.router.add_get(prefix, routes.observed("http_model_metadata", routes.metadata))
-        app.router.add_get(f"{prefix}/ready", routes.observed("http_model_ready", routes.ready_1))
+        app.router.add_get(
+            f"{prefix}/ready", routes.observed("http_model_ready", routes.model_ready)
+        )
         app.router.add_post(f"{prefix}/infer", routes.observed("http_infer", routes.infer))
     app.router.add_post("/v1/classify", routes.observed("http_classify", routes.classify_picture))
     return app
@@ -121,7 +123,7 @@ class _Routes:
             "outputs": [_tensor_json(t) for t in meta.outputs],
         }
 
-    async def ready_1(self, call: Call, request: web.Request) -> dict[str, Any]:
+    async def model_ready(self, call: Call, request: web.Request) -> dict[str, Any]:
         call.served = self._plane.resolve(*_model_of(request))
         return {"name": call.served.name, "ready": not self._plane.draining}
 
