@@ -5,8 +5,9 @@
 
 Both share everything but the calls themselves: input normalisation, request encoding,
 reply decoding and the channel's service config, which carries the retry policy (UNAVAILABLE
-only: retrying RESOURCE_EXHAUSTED at once is what turns an overload into an outage) and
-round-robin balancing over every address a `dns:///host:port` target resolves to.
+only: retrying RESOURCE_EXHAUSTED at once is what turns an overload into an outage),
+round-robin balancing over every address a `dns:///host:port` target resolves to, and
+client-side health checking, so that a draining replica stops getting calls at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    # Client-side health checking: a replica that turns NOT_SERVING (draining after SIGTERM)
+    # stops getting new calls within milliseconds, while it still finishes what it has.
+    "healthCheckConfig": {"serviceName": SERVICE},
     "methodConfig": [
         {
             "name": [{"service": SERVICE}],

@@ -28,6 +28,7 @@ from digit_recognizer.server.supervisor import supervise
 
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+STOP_GRACE_S = 1.0
 
 
 class StartupError(Exception):
@@ -43,17 +44,35 @@ class RunningServer:
     repository: ModelRepository
     http: HttpFront | None = None
 
-    async def stop(self, grace_s: float) -> None:
-        """Health NOT_SERVING, refuse new calls, finish accepted ones within the grace period."""
+    async def stop(self, grace_s: float, drain_delay_s: float = 0.0) -> int:
+        """SIGTERM's sequence; returns how many calls the grace period cut off.
+
+        1. Health NOT_SERVING and readiness false at once: probes and clients with
+           client-side health checking (DigitClient) stop sending within milliseconds.
+        2. `drain_delay_s` of normal service: endpoint removal takes seconds to reach
+           clients (Kubernetes).
+        3. Serve every call that arrives until none has arrived for a quiet window and none
+           is in progress, or until `grace_s` ends. Nothing is refused for draining.
+        4. `server.stop()`: the listener closes and GOAWAY moves every other client. It is
+           last because grpc core CANCELs calls that arrived but that the application has not
+           picked up yet the moment stop() is called, whatever the grace (grpc/grpc#41785;
+           scripts/grpc_shutdown_experiment.py): stopping only when traffic has ceased is
+           what keeps that set empty.
+        """
         await self.repository.stop()
         await self.health.enter_graceful_shutdown()
-        if not await self.plane.drain(grace_s):
-            log.warning("grace period over with %d requests unfinished", self.plane.active_requests)
-        # Long-lived calls (health Watch, idle streams) get a moment, then are closed.
-        await self.server.stop(min(grace_s, 1.0))
+        self.plane.start_draining()
+        await asyncio.sleep(drain_delay_s)
+        unfinished = await self.plane.drain(grace_s)
+        if unfinished:
+            log.warning("grace period over: ending %d calls still in progress", unfinished)
+        # Calls that raced the stop, and long-lived ones (health Watch, idle streams), get a
+        # moment, then are closed.
+        await self.server.stop(STOP_GRACE_S)
         if self.http is not None:
             await self.http.stop()
         await self.plane.close()
+        return unfinished
 
 
 async def start_server(
@@ -131,6 +150,10 @@ async def start_server(
 
 async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
     """Run one server until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    stopping = asyncio.Event()  # before anything else: a signal during start-up means stop
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
     try:
         running = await start_server(config, reuse_port=reuse_port)
     except (ModelError, StartupError) as exc:
@@ -161,23 +184,20 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
             }
         },
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     log.info(
         "draining",
         extra={
             "fields": {
                 "grace_s": config.grace_s,
+                "drain_delay_s": config.drain_delay_s,
                 "accepted_requests": plane.active_requests,
                 "queued_images": plane.queued_images,
             }
         },
     )
-    await running.stop(config.grace_s)
-    log.info("stopped")
+    ended = await running.stop(config.grace_s, config.drain_delay_s)
+    log.info("stopped", extra={"fields": {"ended_calls": ended}})
     return 0
 
 

@@ -20,7 +20,9 @@ model only, measured where the model runs.
 
 The queue is bounded in images (`max_queue_size`): past it `submit` raises `Overloaded` at
 once. Callers that cancelled, or whose deadline passed while queued, are skipped and never
-computed. A failed model run fails every caller in it with `BatchFailed`; the worker goes on.
+computed; a cancelled caller's images stop counting against the bound at once, an expired
+one's as soon as a batch forms or room is needed. A failed model run fails every caller in
+it with `BatchFailed`; the worker goes on.
 
 `swap(predict, version)` replaces the model between two runs (hot reload): every run uses
 exactly one version, and each result lists the version(s) that computed it.
@@ -200,6 +202,8 @@ class Batcher:
         if n == 0:
             raise ValueError("submit needs at least one image")
         if self._queued_images + n > self.limits.max_queue_size:
+            self._drop_dead(_clock())  # expired callers free their room before anyone is refused
+        if self._queued_images + n > self.limits.max_queue_size:
             raise Overloaded(
                 f"queue full ({self._queued_images} of {self.limits.max_queue_size} images "
                 f"waiting, this request adds {n}); retry after a back-off"
@@ -216,7 +220,11 @@ class Batcher:
         self._queue.append(pending)
         self._queued_images += n
         self._wakeup.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._forget(pending)  # its room in the queue is free at once
+            raise
 
     async def close(self) -> None:
         """Stop accepting, finish everything already accepted, then stop the worker."""
@@ -268,6 +276,11 @@ class Batcher:
             else:
                 alive.append(pending)
         self._queue = alive
+
+    def _forget(self, pending: _Pending) -> None:
+        """A caller gone while queued: its images stop counting now; the worker drops it."""
+        self._queued_images -= pending.remaining
+        pending.taken = len(pending.images)
 
     @staticmethod
     def _is_dead(pending: _Pending, now: float) -> bool:

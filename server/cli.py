@@ -147,7 +147,17 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     type=float,
     default=_DEFAULTS.grace_s,
     show_envvar=True,
-    help="Seconds to finish accepted requests after SIGTERM.",
+    help="Seconds after SIGTERM (and --drain-delay) to serve calls until they stop arriving "
+    "and finish those in progress; what is left then is ended.",
+)
+@click.option(
+    "--drain-delay",
+    "drain_delay_s",
+    type=float,
+    default=_DEFAULTS.drain_delay_s,
+    show_envvar=True,
+    help="Seconds to keep serving normally after SIGTERM (health already NOT_SERVING) before "
+    "draining starts: the time endpoint removal takes to reach clients (Kubernetes: ~5).",
 )
 @click.option(
     "--reload-interval",

@@ -37,6 +37,7 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"
     http_port: int | None = None  # None: no HTTP front; 0: any free port
     grace_s: float = 20.0
+    drain_delay_s: float = 0.0  # after SIGTERM, serve this long before the quiet-window logic
     reload_interval_s: float = 2.0  # how often to look for a new model file; 0 = never
     log_level: str = "INFO"
     log_format: str = "text"
@@ -116,6 +117,8 @@ class ServerConfig:
             problems.append(f"--workers must be at least 1, got {self.workers}")
         if self.reload_interval_s < 0:
             problems.append(f"--reload-interval must be >= 0 seconds, got {self.reload_interval_s}")
+        if self.drain_delay_s < 0:
+            problems.append(f"--drain-delay must be >= 0 seconds, got {self.drain_delay_s}")
         if self.grace_s < 0:
             problems.append(f"--grace-period must be >= 0 seconds, got {self.grace_s}")
         if self.log_level not in LOG_LEVELS:

@@ -5,6 +5,11 @@ holds the served model versions (each with its own batcher), picks the version a
 for, turns a call's remaining time into a deadline, counts accepted calls for draining, and
 runs every call through `observed`, which times it, records its metrics and maps its failure
 through errors.py to one `Status` that each front turns into its own wire error.
+
+Draining serves: a call that reaches a draining server is computed like any other, because
+refusing it (fast) is what made round-robin clients send a draining replica ever more
+traffic. The server leaves once calls have stopped arriving for a quiet window and all
+accepted work is done, or when the grace period ends (app.py, README "Operations").
 """
 
 from __future__ import annotations
@@ -21,17 +26,11 @@ import numpy as np
 
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, BatchResult
-from digit_recognizer.server.errors import (
-    ModelNotFound,
-    NotServing,
-    ServingError,
-    Status,
-    to_status,
-)
+from digit_recognizer.server.errors import ModelNotFound, ServingError, Status, to_status
 from digit_recognizer.server.inference import Model
 
 log = logging.getLogger(__name__)
-DRAIN_QUIET_S = 0.25
+DRAIN_QUIET_S = 0.25  # no call for this long: the clients have moved to other replicas
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -234,9 +233,7 @@ class DataPlane:
         return value
 
     def choose(self, call: Call, model: str = "", version: str = "") -> ServedVersion:
-        """The version that will compute this call; UNAVAILABLE while draining."""
-        if self._draining:
-            raise NotServing("the server is shutting down; retry (on another replica)")
+        """The version that will compute this call (drawing no distinction while draining)."""
         call.served = self.resolve(model, version)
         return call.served
 
@@ -270,26 +267,29 @@ class DataPlane:
     def active_requests(self) -> int:
         return self._active
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Refuse new work with UNAVAILABLE; wait up to timeout_s for accepted work to finish.
-
-        The transport stays open meanwhile: a call that reached us gets a clear, retryable
-        UNAVAILABLE instead of the CANCELLED that closing the port gives calls not yet handled.
-        """
+    def start_draining(self) -> None:
+        """Readiness turns false (probes, OIP ServerReady); calls are still served."""
         self._draining = True
-        give_up = time.perf_counter() + timeout_s
+
+    async def drain(self, grace_s: float, quiet_s: float = DRAIN_QUIET_S) -> int:
+        """Serve until calls have stopped arriving for `quiet_s` and none is in progress, or
+        until `grace_s` has passed; returns how many calls were still in progress then."""
+        self._draining = True
+        give_up = time.perf_counter() + grace_s
         while True:
-            try:
-                await asyncio.wait_for(self._idle.wait(), max(0.0, give_up - time.perf_counter()))
-            except TimeoutError:
-                return False
-            # Calls the transport already holds keep arriving for a moment; only when none has
-            # come for a quiet period is it safe to close the port.
             now = time.perf_counter()
+            if now >= give_up:
+                return self._active
+            if self._active:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), give_up - now)
+                except TimeoutError:
+                    return self._active
+                continue
             quiet_for = now - self._last_arrival
-            if quiet_for >= DRAIN_QUIET_S or now >= give_up:
-                return self._active == 0
-            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_for, max(0.0, give_up - now)))
+            if quiet_for >= quiet_s:
+                return 0
+            await asyncio.sleep(min(quiet_s - quiet_for, give_up - now))
 
     async def close(self) -> None:
         """Finish what every batcher accepted, then stop them."""

@@ -260,10 +260,13 @@ async def test_cancelled_callers_are_never_computed(model):
     model.hold()
     blocker = asyncio.ensure_future(batcher.submit(ids(0)))
     await model.running.wait()
-    doomed = asyncio.ensure_future(batcher.submit(ids(99)))
+    doomed = asyncio.ensure_future(batcher.submit(ids(99, 98)))
     kept = asyncio.ensure_future(batcher.submit(ids(7)))
     await asyncio.sleep(0)
+    assert batcher.queued_images == 3
     doomed.cancel()
+    await asyncio.gather(doomed, return_exceptions=True)
+    assert batcher.queued_images == 1  # at once, not when the next batch forms
     model.release()
     await blocker
     assert (await kept).outputs.item() == 14
@@ -291,6 +294,25 @@ async def test_expired_callers_get_deadline_exceeded_and_are_never_computed(mode
         await expired
     assert (await alive).outputs.item() == 6
     assert all(99 not in call for call in model.calls) and skipped == ["deadline"]
+    await batcher.close()
+
+
+async def test_expired_callers_make_room_before_anyone_is_refused(model):
+    batcher = await make(model, max_batch_size=8, max_queue_size=4)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()
+    loop = asyncio.get_running_loop()
+    expiring = asyncio.ensure_future(batcher.submit(ids(1, 2, 3), deadline=loop.time() + 0.01))
+    await asyncio.sleep(0.02)  # past its deadline: a time to wait out, not synchronisation
+    accepted = asyncio.ensure_future(batcher.submit(ids(4, 5, 6)))
+    await asyncio.sleep(0)
+    assert batcher.queued_images == 3
+    model.release()
+    await blocker
+    with pytest.raises(Expired):
+        await expiring
+    assert (await accepted).outputs.ravel().tolist() == [8, 10, 12]
     await batcher.close()
 
 
