@@ -386,7 +386,7 @@ async def _bench(
     errors: Counter[str] = Counter()
     issued = 0
     async with AsyncDigitClient(**client_args) as client:
-        await client.health()  # connect before the clock starts
+        await client.model_info()  # connect before the clock starts
         timeout = client.timeout
         call: Any = client._stub.Classify
         request.model, request.model_version = client.model, client.model_version

@@ -213,6 +213,20 @@ def _metadata(
     return tuple(metadata)
 
 
+def _channels(
+    module: Any, target: str, secure: grpc.ChannelCredentials | None, options: list[Any]
+) -> tuple[Any, Any]:
+    """The channel for calls, and one for health() that does no client-side health checking
+    itself: through the first, a draining server is unreachable rather than NOT_SERVING."""
+    probe_options = [*options, ("grpc.inhibit_health_checking", 1)]
+    if secure:
+        return (
+            module.secure_channel(target, secure, options),
+            module.secure_channel(target, secure, probe_options),
+        )
+    return module.insecure_channel(target, options), module.insecure_channel(target, probe_options)
+
+
 class _Base:
     def __init__(
         self,
@@ -260,11 +274,7 @@ class DigitClient(_Base):
     ) -> None:
         super().__init__(target, timeout, credentials, metadata, options, model, model_version)
         secure = _channel_credentials(self._credentials)
-        self._channel = (
-            grpc.secure_channel(target, secure, self._options)
-            if secure
-            else grpc.insecure_channel(target, self._options)
-        )
+        self._channel, self._probe_channel = _channels(grpc, target, secure, self._options)
         self._stub = digits_pb2_grpc.DigitClassifierStub(self._channel)
 
     def __enter__(self) -> DigitClient:
@@ -275,6 +285,7 @@ class DigitClient(_Base):
 
     def close(self) -> None:
         self._channel.close()
+        self._probe_channel.close()
 
     def classify(self, pixels: Any, *, top_k: int = 0) -> Prediction:
         """One image: (784,) or (28, 28), uint8 0-255 or float 0-1."""
@@ -346,7 +357,7 @@ class DigitClient(_Base):
 
     def health(self, service: str = "") -> str:
         """ "SERVING", "NOT_SERVING", ... for the whole server ("") or one service."""
-        stub = health_pb2_grpc.HealthStub(self._channel)
+        stub = health_pb2_grpc.HealthStub(self._probe_channel)
         try:
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=service),
@@ -388,11 +399,7 @@ class AsyncDigitClient(_Base):
     ) -> None:
         super().__init__(target, timeout, credentials, metadata, options, model, model_version)
         secure = _channel_credentials(self._credentials)
-        self._channel = (
-            grpc.aio.secure_channel(target, secure, self._options)
-            if secure
-            else grpc.aio.insecure_channel(target, self._options)
-        )
+        self._channel, self._probe_channel = _channels(grpc.aio, target, secure, self._options)
         self._stub = digits_pb2_grpc.DigitClassifierStub(self._channel)
 
     async def __aenter__(self) -> AsyncDigitClient:
@@ -403,6 +410,7 @@ class AsyncDigitClient(_Base):
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._probe_channel.close()
 
     async def classify(self, pixels: Any, *, top_k: int = 0) -> Prediction:
         array = as_pixels(pixels)
@@ -461,7 +469,7 @@ class AsyncDigitClient(_Base):
             raise self._error(error) from None
 
     async def health(self, service: str = "") -> str:
-        stub = health_pb2_grpc.HealthStub(self._channel)
+        stub = health_pb2_grpc.HealthStub(self._probe_channel)
         try:
             reply = await stub.Check(
                 health_pb2.HealthCheckRequest(service=service),

@@ -5,7 +5,8 @@
 # image with debootstrap, builds both images offline from wheels downloaded on the host, and
 # checks: `docker compose up --wait` trains then serves; real MNIST PNGs classify through the
 # published port; a second `up` reuses the model; `stop` drains and exits 0; `--scale server=2`
-# serves from both replicas; a corrupt model makes `up --wait` fail. Then it tears everything
+# serves from both replicas, and restarting one of them under load fails no call; a corrupt
+# model makes `up --wait` fail. Then it tears everything
 # down and stops the daemon it started, by PID. Needs root (dockerd, debootstrap, apt-get).
 set -euo pipefail
 
@@ -168,6 +169,21 @@ for index in 1 2; do
     | sed "s/^/replica $index: /" | tee -a "$SUMMARY"
 done
 phase "--scale server=2: both replicas answered"
+
+# --- restart one replica under load: no call may fail ---------------------------------------
+targets=()
+for index in 1 2; do targets+=("127.0.0.1:$(compose port --index "$index" server 50051 | cut -d: -f2)"); done
+first=$(compose ps -q server | head -1)
+"$BIN/python" "$ROOT/scripts/restart_under_load.py" --seconds 10 --restart-after 2 \
+  --command "docker restart -t 30 $first" "${targets[@]}" | tee "$WORK/restart.json" | tee -a "$SUMMARY"
+"$BIN/python" - "$WORK/restart.json" <<'EOF'
+import json, sys
+result = json.load(open(sys.argv[1]))
+failed = {client: {k: v for k, v in counts.items() if k != "OK"} for client, counts in result.items()
+          if isinstance(counts, dict)}
+assert not any(failed.values()), f"calls failed during the restart: {failed}"
+EOF
+phase "one of two replicas restarted under load: 0 failed calls"
 compose down >/dev/null 2>&1
 
 # --- a corrupt model never becomes healthy --------------------------------------------------

@@ -144,7 +144,11 @@ async def test_round_robin_spreads_calls_over_every_server(start_server, tmp_pat
         ports.append((await start_server(model)).port)
     target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
     async with AsyncDigitClient(target) as client:
-        await client.health()
+        # Connected: each replica becomes eligible once its health Watch says SERVING.
+        for _ in range(500):  # bounded
+            warm = {(await client.classify(one_hot_image(1))).model_version for _ in range(4)}
+            if warm == {"1", "2"}:
+                break
         replies = await asyncio.gather(*(client.classify(one_hot_image(1)) for _ in range(20)))
     versions = [r.model_version for r in replies]
     assert set(versions) == {"1", "2"} and abs(versions.count("1") - 10) <= 2

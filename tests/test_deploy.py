@@ -84,3 +84,15 @@ def test_probes_use_the_grpc_health_service():
     assert container["livenessProbe"]["grpc"]["port"] == 50051
     service = yaml.safe_load((REPO / "deploy/kubernetes/server-service.yaml").read_text())
     assert service["spec"]["clusterIP"] == "None"  # headless: client-side round robin
+
+
+def test_termination_grace_covers_the_drain_delay_and_the_grace_period():
+    import yaml
+
+    deployment = yaml.safe_load((REPO / "deploy/kubernetes/server-deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    env = {item["name"]: float(item["value"]) for item in pod["containers"][0]["env"]
+           if item["name"] in ("DIGITS_DRAIN_DELAY", "DIGITS_GRACE_PERIOD")}  # fmt: skip
+    assert env["DIGITS_DRAIN_DELAY"] > 0
+    stop_s = 1  # app.STOP_GRACE_S
+    assert pod["terminationGracePeriodSeconds"] > sum(env.values()) + stop_s

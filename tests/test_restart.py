@@ -222,3 +222,14 @@ async def test_drain_delay_keeps_serving_normally_with_health_not_serving(
     code, log = await asyncio.to_thread(server.finish)
     assert code == 0 and "drain_delay_s=1.5" in log
     assert time.monotonic() - sent >= 1.5
+
+
+async def test_the_client_still_reads_not_serving_from_a_draining_server(
+    start_server, tiny_model_path
+):
+    """Its calls avoid a NOT_SERVING replica, but health() must still be able to say so."""
+    server = await start_server(tiny_model_path)
+    async with AsyncDigitClient(f"127.0.0.1:{server.port}") as client:
+        assert await client.health() == "SERVING"
+        await server.health.enter_graceful_shutdown()
+        assert await client.health() == "NOT_SERVING"
