@@ -58,7 +58,9 @@ async def run(targets: tuple[str, ...], seconds: float, restart_after: float, co
         async def restart() -> float:
             await asyncio.sleep(restart_after)
             started = time.monotonic()
-            await asyncio.to_thread(subprocess.run, shlex.split(command), check=True)
+            await asyncio.to_thread(
+                subprocess.run, shlex.split(command), check=True, capture_output=True
+            )
             return time.monotonic() - started
 
         callers = [plain() for _ in range(CALLERS // 2)] + [library() for _ in range(CALLERS // 2)]
