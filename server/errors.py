@@ -81,19 +81,24 @@ class Status:
 INTERNAL_MESSAGE = "internal error while classifying; the server logged the details"
 
 
+def _printable(text: str) -> str:
+    """Messages may quote caller input; a lone surrogate in it must not break protobuf."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def to_status(error: BaseException) -> Status:
     if isinstance(error, InvalidInput):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_printable(v.field), description=_printable(v.description)
                 )
                 for v in error.violations
             ]
         )
         detail = any_pb2.Any()
         detail.Pack(bad_request)
-        return Status(error.code, str(error), [detail])
+        return Status(error.code, _printable(str(error)), [detail])
     if isinstance(error, ServingError):
-        return Status(error.code, str(error))
+        return Status(error.code, _printable(str(error)))
     return Status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -2,15 +2,17 @@
 routes, a picture upload endpoint and the draw-a-digit page, over the same data plane.
 
 Errors carry the same messages as gRPC with the HTTP status a browser or curl expects:
-400 bad input (also a body over the size limit), 401 no token, 404 unknown model, 429 queue
-full, 503 draining, 504 deadline, 500 bug. The body is always JSON: {"error": "..."}.
+400 bad input (also a body over the size limit), 401 no token, 404 unknown model, 415 a
+compressed body or a JSON route given another type, 429 queue full, 503 unavailable, 504
+deadline, 500 bug. The body is always JSON: {"error": "..."}. Bodies are never decompressed:
+aiohttp would inflate them in the event loop while parsing, before any check (an 8 MB gzip
+body is 8 GB), so an encoded body is refused, after the token check, before it is read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -19,6 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
@@ -46,7 +49,8 @@ _VERSION = "/v2/models/{name}/versions/{version}"
 def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Application:
     max_size = max(max_body, MAX_UPLOAD_BYTES)
     middlewares = [_bearer_token(token)] if token else []
-    app = web.Application(client_max_size=max_size, middlewares=middlewares)
+    app = web.Application(client_max_size=max_size, middlewares=[*middlewares, _body_rules])
+    app.on_response_prepare.append(_server_header)
     routes = _Routes(plane, max_size)
     app.router.add_get("/", routes.page)
     app.router.add_get("/v2/health/live", routes.live)
@@ -138,19 +142,12 @@ class _Routes:
             if not isinstance(item, dict):
                 raise InvalidInput("each input must be an object with name, shape, datatype, data")
             name = str(item.get("name", ""))
-            try:
-                shape = tuple(int(d) for d in item.get("shape", []))
-                data = np.asarray(item.get("data", []), dtype=np.float32).ravel()
-            except (TypeError, ValueError) as exc:
-                raise InvalidInput(
-                    f"input {name!r}: shape and data must be numbers ({exc})"
-                ) from None
-            headers.append(oi.TensorHeader(name, str(item.get("datatype", "")), shape))
-            values.append(data)
-        wanted = [
-            str(output.get("name", "")) if isinstance(output, dict) else ""
-            for output in body.get("outputs") or []
-        ]
+            headers.append(oi.TensorHeader(name, str(item.get("datatype", "")), _shape(item)))
+            values.append(_numbers(name, item.get("data", [])))
+        outputs = body.get("outputs") or []
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise InvalidInput('"outputs" must be a list of objects like {"name": "probabilities"}')
+        wanted = [str(output.get("name", "")) for output in outputs]
         images = oi.check_request(served, headers, wanted)
         max_images = self._plane.limits.max_images_per_request
         pixels = oi.to_pixels("inputs[0].data", images, values[0], max_images)
@@ -202,11 +199,73 @@ class _Routes:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
             raise InvalidInput(f"the body is larger than {self._max_body} bytes") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"the body is not JSON ({exc})") from None
+        except (RequestPayloadError, ConnectionError) as exc:
+            raise InvalidInput(f"the body was cut off ({exc})") from None
+        except RecursionError:
+            raise InvalidInput("the body is not JSON this server reads (nested too deep)") from None
+        except LookupError as exc:  # an unknown charset
+            raise InvalidInput(f"the body's charset is unknown ({exc})") from None
+        except ValueError as exc:  # not JSON, not UTF-8, an integer of thousands of digits
+            raise InvalidInput(f"the body is not JSON ({_first_line(exc)})") from None
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
         return body
+
+
+def _shape(item: dict[str, Any]) -> tuple[int, ...]:
+    shape = item.get("shape", [])
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and abs(d) < 2**31 for d in shape
+    ):
+        raise InvalidInput(f"input {item.get('name', '')!r}: shape must be a list of integers")
+    return tuple(shape)
+
+
+def _numbers(name: str, data: Any) -> np.ndarray:
+    """JSON numbers (nested lists allowed) -> flat float32; strings and booleans refused."""
+    try:
+        array = np.asarray(data)
+    except (ValueError, OverflowError):  # ragged lists, integers beyond any dtype
+        array = np.asarray([], dtype=object)
+    if array.dtype.kind not in "iuf" or (array.size == 0 and data not in ([], ())):
+        raise InvalidInput(f"input {name!r}: data must be a (nested) list of numbers")
+    return array.astype(np.float32).ravel()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "digit-recognizer"  # not aiohttp's name and version
+
+
+_JSON_ROUTES = ("/infer", "/v2/repository/index")
+# What clients send for a JSON body without being told: curl -d, aiohttp/requests bytes.
+_UNDECLARED = {"application/octet-stream", "application/x-www-form-urlencoded", "text/plain"}
+
+
+@web.middleware
+async def _body_rules(request: web.Request, handler: Any) -> web.StreamResponse:
+    """415 before any body is read: no compressed bodies; JSON routes take JSON."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return web.json_response(
+            {"error": f"Content-Encoding {encoding!r} is not accepted; send the body as is"},
+            status=415,
+        )
+    if (
+        request.method == "POST"
+        and request.path.endswith(_JSON_ROUTES)
+        and request.content_type != "application/json"
+        and not request.content_type.endswith("+json")
+        and request.content_type not in _UNDECLARED
+    ):
+        return web.json_response(
+            {"error": f"this route takes application/json, not {request.content_type}"},
+            status=415,
+        )
+    return await handler(request)
 
 
 def _model_of(request: web.Request) -> tuple[str, str]:
@@ -224,7 +283,8 @@ def _bearer_token(token: str) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
         if not is_open_http(request.method, request.path):
-            presented = request.headers.get("Authorization", "").encode()
+            # surrogateescape: a header that is not UTF-8 is a wrong token, not a crash
+            presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(presented, expected):
                 return web.json_response({"error": UNAUTHENTICATED_MESSAGE}, status=401)
         return await handler(request)
@@ -247,6 +307,13 @@ async def _upload(request: web.Request) -> tuple[str, bytes]:
             name = "upload"
     except web.HTTPRequestEntityTooLarge:
         raise InvalidInput(f"the picture is larger than {MAX_UPLOAD_BYTES} bytes") from None
+    except InvalidInput:
+        raise
+    except (RequestPayloadError, ConnectionError) as exc:
+        raise InvalidInput(f"the upload was cut off ({exc})") from None
+    except (ValueError, LookupError, AssertionError, RuntimeError) as exc:
+        # aiohttp's multipart reader: no boundary, not multipart, unterminated, absurd boundary
+        raise InvalidInput(f"cannot read the upload as a form ({_first_line(exc)})") from None
     if not data:
         raise InvalidInput("no picture received: POST an image file (multipart or raw body)")
     return name, bytes(data)
@@ -256,7 +323,7 @@ class HttpFront:
     """Owns the aiohttp runner; started and stopped with the gRPC server."""
 
     def __init__(self, app: web.Application, host: str, port: int, reuse_port: bool) -> None:
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
         self._host = host.strip("[]") or "::"
         self._port = port
         self._reuse_port = reuse_port  # --workers N share the HTTP port like the gRPC one

@@ -1,0 +1,126 @@
+"""Hostile input over HTTP: every case is a JSON 4xx, never a 500, a traceback or a stall.
+(The probe's worst cases; digits.v1 and OIP gRPC have their own fuzz tests.)"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+
+import pytest
+
+from onnx_models import one_hot_image
+
+DEEP = "[" * 10_000 + "]" * 10_000
+
+
+async def raw_http(port: int, head: str, body: bytes = b"") -> tuple[int, dict, float]:
+    """One request written byte for byte; (status, JSON body, seconds)."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode("utf-8", "surrogateescape") + body)
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    header, _, payload = response.partition(b"\r\n\r\n")
+    status = int(header.split()[1])
+    return status, json.loads(payload or b"{}"), time.perf_counter() - started
+
+
+def post(path: str, body: bytes, content_type: str = "application/json", extra: str = "") -> str:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+
+
+def tensor(**fields) -> bytes:
+    item = {"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}
+    return json.dumps({"inputs": [item | fields]}).encode()
+
+
+INFER = "/v2/models/tiny/infer"
+CASES = {
+    "nested 10,000 deep": (INFER, DEEP.encode(), "application/json", 400, "nested too deep"),
+    "5,000-digit integer in data": (
+        INFER, b'{"inputs": [{"name": "pixels", "data": [' + b"9" * 5000 + b"]}]}",
+        "application/json", 400, "not JSON"),
+    "5,000-digit integer in shape": (
+        INFER, b'{"inputs": [{"name": "pixels", "shape": [' + b"9" * 5000 + b"]}]}",
+        "application/json", 400, "not JSON"),
+    "-Infinity in shape": (INFER, tensor(shape=[1, float("-inf")]), "application/json", 400,
+                           "shape must be a list of integers"),
+    "outputs is a number": (INFER, json.dumps({"inputs": [], "outputs": 5}).encode(),
+                            "application/json", 400, '"outputs" must be a list'),
+    "numeric strings as data": (INFER, tensor(data=["0.5"] * 784), "application/json", 400,
+                                "data must be a (nested) list of numbers"),
+    "booleans as data": (INFER, tensor(data=[True] * 784), "application/json", 400,
+                         "data must be a (nested) list of numbers"),
+    "ragged data": (INFER, tensor(data=[[0.0], [0.0, 1.0]]), "application/json", 400,
+                    "data must be a (nested) list of numbers"),
+    "unknown charset": (INFER, tensor(), "application/json; charset=klingon", 400, "charset"),
+    "lone surrogate in a name": (INFER, tensor(name="\ud800").replace(b"\\ud800", b"\\ud800"),
+                                 "application/json", 400, "expected input 'pixels'"),
+    "a picture's content type": (INFER, tensor(), "image/png", 415, "takes application/json"),
+    "multipart without boundary": ("/v1/classify", b"xx", "multipart/form-data", 400,
+                                   "cannot read the upload"),
+    "multipart, unterminated": ("/v1/classify", b"--b\r\nContent-Disposition: form-data; "
+                                b"name=f\r\n\r\nabc", "multipart/form-data; boundary=b", 400, ""),
+    "multipart, 5,000-char boundary": ("/v1/classify", b"--" + b"b" * 5000 + b"\r\n",
+                                       "multipart/form-data; boundary=" + "b" * 5000, 400, ""),
+}  # fmt: skip
+
+
+@pytest.fixture
+async def http_port(start_server, tiny_model_path):
+    server = await start_server(tiny_model_path, http_port=0)
+    return server.http.port
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_hostile_bodies_get_a_json_4xx(http_port, case, caplog):
+    path, body, content_type, status, message = CASES[case]
+    got, reply, _ = await raw_http(http_port, post(path, body, content_type), body)
+    assert got == status, (got, reply)
+    assert message in reply["error"]
+    assert "Traceback" not in caplog.text
+
+
+async def test_gzip_bodies_are_refused_before_they_are_read(
+    start_server, tiny_model_path, tmp_path
+):
+    """8 MB of gzip would be 8 GB: refused at once, and the token is checked first."""
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    server = await start_server(tiny_model_path, http_port=0, auth_token_file=token)
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MB inflated, ~64 KB
+    anonymous = post(INFER, bomb, extra="Content-Encoding: gzip\r\n")
+    status, reply, took = await raw_http(server.http.port, anonymous, bomb)
+    assert (status, took < 1) == (401, True), (status, reply, took)
+    signed = post(INFER, bomb, extra="Content-Encoding: gzip\r\nAuthorization: Bearer s3cret\r\n")
+    status, reply, took = await raw_http(server.http.port, signed, bomb)
+    assert status == 415 and "Content-Encoding 'gzip'" in reply["error"] and took < 1
+
+
+async def test_a_non_utf8_authorization_header_is_a_401(start_server, tiny_model_path, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    server = await start_server(tiny_model_path, http_port=0, auth_token_file=token)
+    head = post(INFER, b"{}", extra="Authorization: Bearer \udcff\udcfe\r\n")
+    status, reply, _ = await raw_http(server.http.port, head, b"{}")
+    assert status == 401 and "Bearer" in reply["error"]
+
+
+async def test_the_server_header_names_no_versions(http_port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = (await asyncio.wait_for(reader.read(), timeout=10)).decode()
+    writer.close()
+    assert "Server: digit-recognizer\r\n" in response and "aiohttp" not in response
+
+
+async def test_a_good_request_still_works(http_port):
+    body = tensor(data=one_hot_image(3).tolist())
+    status, reply, _ = await raw_http(http_port, post(INFER, body), body)
+    assert status == 200 and len(reply["outputs"][0]["data"]) == 10
