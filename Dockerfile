@@ -30,7 +30,7 @@ RUN pip install ${PIP_ARGS} ".[${SERVER_EXTRA}]" && rm -rf /src /tmp/wheels
 WORKDIR /home/app
 USER app
 # Settings come from DIGITS_* variables (compose and Kubernetes override them) or flags.
-ENV DIGITS_MODEL=/models/model.onnx DIGITS_HOST=0.0.0.0
+ENV DIGITS_MODEL=/models/model.onnx DIGITS_HOST=0.0.0.0 DIGITS_METRICS_HOST=0.0.0.0
 EXPOSE 50051 8080 8002
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["digit-server"]

@@ -9,6 +9,7 @@ picture that already is a 28x28 MNIST-style digit passes through untouched.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -24,6 +25,9 @@ from digit_recognizer.protos.contract import IMAGE_SIDE
 SIDE = IMAGE_SIDE
 BOX = 20  # MNIST fits the ink's bounding box into 20x20
 MAX_PIXELS = 40_000_000  # refuse decompression bombs long before Pillow's own 178M limit
+# Pictures are shrunk to at most this many pixels a side before any float array exists: the
+# digit ends up 20 pixels tall, and a float copy of a 40-megapixel picture is 160 MB.
+MAX_WORK_SIDE = 2048
 _WORK_SIDE = 4 * BOX  # intermediate size where stroke width is measured and corrected
 _MNIST_STROKE_PX = 2.2  # typical MNIST stroke width inside the 20-pixel box
 _INK_THRESHOLD = 0.25  # after contrast normalisation, fainter pixels are background
@@ -32,8 +36,13 @@ _MIN_CONTRAST = 0.12
 ImageSource = str | os.PathLike[str] | bytes | BinaryIO | Image.Image
 
 
-def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
-    """Open anything Pillow reads, fully decoded, EXIF orientation applied."""
+def load_image(
+    source: ImageSource, name: str | None = None, max_decoded_bytes: int | None = None
+) -> Image.Image:
+    """Open anything Pillow reads, fully decoded, EXIF orientation applied. A JPEG is decoded
+    at a reduced scale (and in grey) when it is larger than the work size: same answer, a
+    fraction of the memory. Refused: over MAX_PIXELS, or (when given) pictures whose decoded
+    form would take more than `max_decoded_bytes`."""
     label = name or _describe(source)
     if isinstance(source, Image.Image):
         image = source
@@ -43,11 +52,20 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 handle = io.BytesIO(source) if isinstance(source, bytes) else source
                 image = Image.open(handle)
+                if image.format == "JPEG":
+                    image.draft("L", (MAX_WORK_SIDE, MAX_WORK_SIDE))
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise ImageError(
                         f"{label}: image is {width}x{height} = {width * height:,} pixels, over "
                         f"the {MAX_PIXELS:,} limit (decompression-bomb protection)"
+                    )
+                decoded = width * height * _bytes_per_pixel(image.mode)
+                if max_decoded_bytes is not None and decoded > max_decoded_bytes:
+                    raise ImageError(
+                        f"{label}: a {width}x{height} {image.mode} picture is {decoded >> 20} MB "
+                        f"decoded, over the {max_decoded_bytes >> 20} MB limit; send it smaller "
+                        "(or as a JPEG, which is decoded at a reduced scale)"
                     )
                 image.load()
         except ImageError:
@@ -62,21 +80,57 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
             raise ImageError(f"{label}: refused as a decompression bomb ({exc})") from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"{label}: cannot decode image ({exc})") from None
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block must not lose an otherwise good picture
-        return image
+    # A broken EXIF block must not lose an otherwise good picture. In place for pictures we
+    # opened (a copy doubles the memory); a caller's own Image is left as it was.
+    with contextlib.suppress(Exception):
+        if isinstance(source, Image.Image):
+            return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
-def to_mnist(source: ImageSource, name: str | None = None) -> np.ndarray:
+def to_mnist(
+    source: ImageSource, name: str | None = None, max_decoded_bytes: int | None = None
+) -> np.ndarray:
     """Any picture of one digit -> float32 (784,) in [0, 1], 0 = background, 1 = ink."""
     label = name or _describe(source)
-    image = load_image(source, label)
+    image = _shrunk(load_image(source, label, max_decoded_bytes))
     gray = _to_gray(image)
-    if _is_mnist_style(gray):
-        return gray.reshape(SIDE * SIDE)
-    ink = _normalise(gray, label)
-    return _frame(ink, label).reshape(SIDE * SIDE)
+    if not _is_mnist_style(gray):
+        gray = _frame(_normalise(gray, label), label)
+    return np.clip(np.nan_to_num(gray.reshape(SIDE * SIDE)), 0.0, 1.0).astype(np.float32)
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow stores per pixel: one byte for grey and palettes, two for 16-bit, else
+    four (RGB is kept as RGBX)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _shrunk(image: Image.Image) -> Image.Image:
+    """At most MAX_WORK_SIDE a side, in a mode `reduce` handles, never widened to RGBA."""
+    if image.mode == "P":
+        image = image.convert("LA" if "transparency" in image.info else "L")
+    elif image.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    factor = -(-max(image.size) // MAX_WORK_SIDE)  # ceiling division
+    if factor == 1:
+        return image
+    if image.mode not in ("LA", "RGBA"):
+        return image.reduce(factor)
+    # Pillow reduces alpha modes through a premultiplied copy of the whole picture: go in
+    # strips, so that the copy is a strip's.
+    width, height = image.size
+    reduced = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * 64
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows))).reduce(factor)
+        reduced.paste(strip, (0, top // factor))
+    return reduced
 
 
 def _describe(source: ImageSource) -> str:
@@ -91,12 +145,8 @@ def _describe(source: ImageSource) -> str:
 
 def _to_gray(image: Image.Image) -> np.ndarray:
     """Luminance in [0, 1]; transparent areas become the background the ink stands out from."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        values = np.asarray(image, dtype=np.float32)
-        top = float(values.max()) or 1.0
-        return values / (65535.0 if top > 255 else 255.0)
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    if image.mode in ("I", "F"):
+        return _unit_range(np.asarray(image, dtype=np.float64))
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )
@@ -111,6 +161,22 @@ def _to_gray(image: Image.Image) -> np.ndarray:
     # Ink drawn on a transparent canvas: put it on paper of the opposite shade.
     paper = 1.0 if float(np.median(luminance[opaque])) < 0.5 else 0.0
     return luminance * alpha + paper * (1.0 - alpha)
+
+
+def _unit_range(values: np.ndarray) -> np.ndarray:
+    """Integer or float samples of any range -> [0, 1]: 8- and 16-bit ranges keep their
+    meaning (0-255, 0-65535), anything else is stretched from its own minimum to maximum."""
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 1:
+        unit = values
+    elif low >= 0 and high <= 255:
+        unit = values / 255.0
+    elif low >= 0 and high <= 65535:
+        unit = values / 65535.0
+    else:
+        unit = (values - low) / (high - low)  # high > low: otherwise low >= 0 and high <= 1
+    return np.clip(unit, 0.0, 1.0).astype(np.float32)
 
 
 def _is_mnist_style(gray: np.ndarray) -> bool:

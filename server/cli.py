@@ -140,6 +140,13 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
     show_envvar=True,
     help="Prometheus /metrics port; 0 picks a free one.",
 )
+@click.option(
+    "--metrics-host",
+    default=_DEFAULTS.metrics_host,
+    show_envvar=True,
+    help="Address of the metrics endpoint. It needs no token, so loopback unless you open it "
+    "(0.0.0.0 in containers, where Prometheus scrapes it).",
+)
 @click.option("--no-metrics", is_flag=True, show_envvar=True, help="Serve no metrics endpoint.")
 @click.option(
     "--grace-period",

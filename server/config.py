@@ -34,7 +34,7 @@ class ServerConfig:
     spin_wait: bool = False
     workers: int = 1
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"  # unauthenticated: loopback unless asked (containers do)
     http_port: int | None = None  # None: no HTTP front; 0: any free port
     grace_s: float = 20.0
     drain_delay_s: float = 0.0  # after SIGTERM, serve this long before the quiet-window logic

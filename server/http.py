@@ -28,11 +28,16 @@ from digit_recognizer.client.images import to_mnist
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import openinference as oi
 from digit_recognizer.server.dataplane import Call, CallFailed, DataPlane
-from digit_recognizer.server.errors import InvalidInput
+from digit_recognizer.server.errors import InvalidInput, Overloaded
 from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_http
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# A picture is decoded whole (Pillow): at most 64 MB of it (64 megapixels of grey, 16 of
+# colour; JPEGs are decoded at a reduced scale first, so phone photos of any size pass), and
+# at most MAX_CONCURRENT_DECODES at once, past them 429: the memory of uploads stays bounded.
+MAX_DECODED_BYTES = 64 << 20
+MAX_CONCURRENT_DECODES = 2
 REQUEST_TIMEOUT_S = 30.0
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -74,6 +79,7 @@ class _Routes:
     def __init__(self, plane: DataPlane, max_body: int) -> None:
         self._plane = plane
         self._max_body = max_body
+        self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
 
     def observed(self, method: str, route: Route) -> Callable[[web.Request], Awaitable[Any]]:
         """The route as one observed data-plane call, answered as JSON."""
@@ -171,10 +177,16 @@ class _Routes:
         name, data = await _upload(request)
         asked = request.query.get("model", ""), request.query.get("model_version", "")
         self._plane.resolve(*asked)  # an unknown model is refused before decoding
-        try:
-            pixels = await asyncio.to_thread(to_mnist, data, name)
-        except ImageError as exc:
-            raise InvalidInput(str(exc)) from None
+        if self._decodes.locked():
+            raise Overloaded(
+                f"{MAX_CONCURRENT_DECODES} pictures are being decoded already; retry after a "
+                "back-off"
+            )
+        async with self._decodes:
+            try:
+                pixels = await asyncio.to_thread(to_mnist, data, name, MAX_DECODED_BYTES)
+            except ImageError as exc:
+                raise InvalidInput(str(exc)) from None
         # Chosen only now: a version retired during the decode is never handed the picture.
         served = self._plane.choose(call, *asked)
         result = await self._plane.classify(

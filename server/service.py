@@ -18,6 +18,7 @@ from digit_recognizer.server.validation import parse_request
 
 SERVICE = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"]
 SERVICE_NAME = SERVICE.full_name
+STREAM_WINDOW = 64  # messages of one ClassifyStream read ahead of the replies written
 
 
 class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
@@ -40,8 +41,12 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[digits_pb2.ClassifyStreamResponse]:
         # Messages are classified concurrently so one stream can fill a batch; replies go out
-        # in completion order, each carrying its request_id.
+        # in completion order, each carrying its request_id. At most STREAM_WINDOW messages
+        # are read ahead of the replies written: a caller that stops reading replies stops
+        # the reading of its requests (and HTTP/2 flow control then stops its sending)
+        # instead of growing the server's memory.
         replies: asyncio.Queue[digits_pb2.ClassifyStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def answer(request: digits_pb2.ClassifyRequest) -> None:
             replies.put_nowait(await self._stream_reply(request, context))
@@ -50,6 +55,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
             in_flight: set[asyncio.Task[None]] = set()
             try:
                 async for request in request_iterator:
+                    await window.acquire()
                     task = asyncio.create_task(answer(request))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
@@ -60,7 +66,8 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         reader = asyncio.create_task(read_all())
         try:
             while (reply := await replies.get()) is not None:
-                yield reply
+                yield reply  # returns once gRPC has taken the reply for writing
+                window.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +126,51 @@ async def test_a_good_request_still_works(http_port):
     body = tensor(data=one_hot_image(3).tolist())
     status, reply, _ = await raw_http(http_port, post(INFER, body), body)
     assert status == 200 and len(reply["outputs"][0]["data"]) == 10
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def _big_picture(path, side: int, mode: str):
+    from PIL import Image, ImageDraw
+
+    picture = Image.new(mode, (side, side), "white")
+    ImageDraw.Draw(picture).line(
+        [(side // 3, side // 6), (2 * side // 3, 5 * side // 6)], "black", side // 30
+    )
+    picture.save(path, compress_level=1)
+    return path.read_bytes()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_small_files_of_huge_pictures_cost_bounded_memory(
+    processes, tiny_model_path, tmp_path
+):
+    """The probe: a ~100 KB PNG of 6300x6300 cost 0.8-1.5 GB each, four at once 6.2 GB."""
+    import aiohttp
+
+    grey = _big_picture(tmp_path / "grey.png", 6300, "L")  # 40 megapixels
+    rgba = _big_picture(tmp_path / "rgba.png", 4000, "RGBA")  # 16 megapixels: 64 MB, the cap
+    too_big = _big_picture(tmp_path / "too-big.png", 6300, "RGBA")
+    server = processes("--model", str(tiny_model_path), "--http-port", "0")
+    server.wait_serving()
+    pid = server.proc.pid
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port()}") as http:
+        assert (await http.post("/v1/classify", data=grey)).status == 200  # warm
+        base_peak, base_rss = _kib(pid, "VmHWM"), _kib(pid, "VmRSS")
+        replies = await asyncio.gather(
+            *(http.post("/v1/classify", data=picture) for picture in (grey, rgba, grey, rgba))
+        )
+        statuses = sorted(reply.status for reply in replies)
+        refused = await http.post("/v1/classify", data=too_big)
+        message = (await refused.json())["error"]
+    grown_mb = (_kib(pid, "VmHWM") - base_peak) / 1024
+    kept_mb = (_kib(pid, "VmRSS") - base_rss) / 1024
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
+    assert grown_mb < 400, grown_mb  # any mix: MAX_CONCURRENT_DECODES at a time
+    assert kept_mb < 100, kept_mb  # and it is given back
+    assert refused.status == 400 and "151 MB decoded, over the 64 MB limit" in message

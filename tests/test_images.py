@@ -168,3 +168,50 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     )
     with pytest.raises(ImageError, match=r"bomb\.png: .*(decompression.bomb)"):
         to_mnist(bomb)
+
+
+def _stroke(mode: str, ink, paper) -> Image.Image:
+    values = np.full((60, 40), paper, dtype=np.float64)
+    values[10:50, 18:24] = ink
+    if mode in ("I", "F"):
+        return Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32), mode=mode)
+    if mode == "I;16":
+        return Image.fromarray(values.astype(np.uint16))  # Pillow picks I;16
+    grey = Image.fromarray(values.astype(np.uint8), mode="L")
+    if mode == "P":
+        return grey.convert("P")
+    if mode == "LA":  # ink on a transparent canvas
+        alpha = Image.fromarray(((values == ink) * 255).astype(np.uint8), mode="L")
+        return Image.merge("LA", (grey, alpha))
+    return grey.convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "ink", "paper"),
+    [
+        ("I", 2_000_000_000, -2_000_000_000),  # the probe's 32-bit TIFF
+        ("I", 0, 255),
+        ("I;16", 0, 65535),
+        ("F", 0.0, 255.0),  # float samples on a 0-255 scale
+        ("F", 0.0, 1.0),
+        ("P", 0, 255),
+        ("LA", 0, 255),
+        ("RGBA", 0, 255),
+        ("1", 0, 255),
+    ],
+)
+def test_every_mode_lands_in_0_1_with_the_stroke_as_ink(mode, ink, paper):
+    pixels = to_mnist(_stroke(mode, ink, paper), f"stroke-{mode}")
+    assert pixels.dtype == np.float32 and np.isfinite(pixels).all()
+    assert pixels.min() >= 0.0 and pixels.max() == pytest.approx(1.0)
+    image = pixels.reshape(28, 28)
+    assert image[:, 12:16].sum() > 5 * image[:, :6].sum()  # a vertical stroke in the middle
+
+
+def test_a_28x28_32_bit_picture_is_scaled_not_passed_through():
+    """The probe: MNIST-shaped int32 samples of +-2e9 reached the model as +-30518."""
+    values = np.full((28, 28), -2_000_000_000, np.int32)
+    values[6:22, 13:16] = 2_000_000_000
+    pixels = to_mnist(Image.fromarray(values, mode="I"), "int32.tiff").reshape(28, 28)
+    assert pixels.min() == 0.0 and pixels.max() == 1.0
+    assert pixels[6:22, 13:16].min() == 1.0 and pixels[:, :10].max() == 0.0

@@ -421,3 +421,29 @@ def test_model_file_with_corrupt_card_json(tmp_path):
     with pytest.raises(ModelError, match="'labels' is malformed"):
         load_model(path, InferenceOptions(provider="cpu"))
     assert CARD.labels[0] == "0"
+
+
+async def test_a_stream_reads_at_most_its_window_ahead_of_its_replies(
+    start_server, tiny_model_path
+):
+    """A caller whose replies are not being written cannot make the server read on."""
+    from digit_recognizer.server.service import STREAM_WINDOW
+
+    model = gated(tiny_model_path)
+    server = await start_server(tiny_model_path, model=model)
+    async with channel(server) as chan:
+        requests = [
+            digits_pb2.ClassifyRequest(request_id=str(i), pixels=images(i % 10).ravel())
+            for i in range(3 * STREAM_WINDOW)
+        ]
+        call = stub(chan).ClassifyStream(iter(requests))
+        await wait_for(model.started)
+        for _ in range(500):  # bounded: 5 s
+            if server.plane.active_requests >= STREAM_WINDOW:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # time in which an unbounded reader would read on
+        assert server.plane.active_requests == STREAM_WINDOW
+        model.gate.set()
+        replies = [reply async for reply in call]
+    assert sorted(int(r.request_id) for r in replies) == list(range(3 * STREAM_WINDOW))
