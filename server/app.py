@@ -4,6 +4,8 @@ metrics, signals; `run` starts one server or the supervisor of several."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +31,7 @@ from digit_recognizer.server.supervisor import supervise
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 STOP_GRACE_S = 1.0
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 class StartupError(Exception):
@@ -203,6 +206,7 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
 
 def run(config: ServerConfig) -> int:
     """The process entry point: one server, or a supervisor of `config.workers` servers."""
+    _give_back_large_allocations()
     if config.workers == 1:
         if config.metrics_port is not None:
             start_metrics(config)
@@ -226,7 +230,17 @@ def start_metrics(config: ServerConfig) -> None:
     )
 
 
+def _give_back_large_allocations() -> None:
+    """glibc serves large blocks from mmap, but raises that threshold to the size of any such
+    block freed: after one big picture upload, decoded pictures come from the heap and their
+    memory stays with the process. A fixed threshold keeps returning it (Linux, glibc only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def worker_main(config: ServerConfig) -> None:
     """One of --workers N: a whole server in a spawned process."""
+    _give_back_large_allocations()
     logs.configure_logging(config.log_level, config.log_format)
     sys.exit(asyncio.run(serve(config, reuse_port=True)))

@@ -170,6 +170,7 @@ async def test_small_files_of_huge_pictures_cost_bounded_memory(
         message = (await refused.json())["error"]
     grown_mb = (_kib(pid, "VmHWM") - base_peak) / 1024
     kept_mb = (_kib(pid, "VmRSS") - base_rss) / 1024
+    print(f"uploads {statuses}: peak +{grown_mb:.0f} MB, kept +{kept_mb:.0f} MB")
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
     assert grown_mb < 400, grown_mb  # any mix: MAX_CONCURRENT_DECODES at a time
     assert kept_mb < 100, kept_mb  # and it is given back
