@@ -19,21 +19,23 @@ from processes import ServerProcess
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
-    [(None, "cannot read model"), (b"\x08\x01garbage", "not a loadable ONNX model")],
+    ("content", "code", "message"),
+    [
+        (None, 2, "--model {path}: no such file"),  # refused with the other flags
+        (b"\x08\x01garbage", 1, "not a loadable ONNX model"),
+        (b"", 1, "model file is empty"),
+    ],
 )
-def test_bad_model_exits_1_with_one_line_and_never_serves(processes, tmp_path, content, message):
+def test_bad_model_exits_with_one_line_and_never_serves(
+    processes, tmp_path, content, code, message
+):
     path = tmp_path / "model.onnx"
     if content is not None:
         path.write_bytes(content)
-        server = processes("--model", str(path))
-        code, log = server.finish()
-        assert code == 1
-        assert message in log and "Traceback" not in log and " serving " not in log
-    else:
-        server = processes("--model", str(path))
-        code, log = server.finish()
-        assert code == 2 and f"--model {path}: no such file" in log
+    server = processes("--model", str(path))
+    exit_code, log = server.finish()
+    assert exit_code == code
+    assert message.format(path=path) in log and "Traceback" not in log and " serving " not in log
 
 
 def test_bad_flags_are_listed_one_per_line(processes, tiny_model_path):
