@@ -12,6 +12,7 @@ body is 8 GB), so an encoded body is refused, after the token check, before it i
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_ht
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+BODY_TIMEOUT_S = 30.0  # a body trickling in slower than this is refused
 # A picture is decoded whole (Pillow): at most 64 MB of it (64 megapixels of grey, 16 of
 # colour; JPEGs are decoded at a reduced scale first, so phone photos of any size pass), and
 # at most MAX_CONCURRENT_DECODES at once, past them 429: the memory of uploads stays bounded.
@@ -47,6 +49,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
+_MAX_BODY = web.AppKey("max_body", int)
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
 
@@ -55,20 +58,22 @@ def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Applica
     max_size = max(max_body, MAX_UPLOAD_BYTES)
     middlewares = [_bearer_token(token)] if token else []
     app = web.Application(client_max_size=max_size, middlewares=[*middlewares, _body_rules])
+    app[_MAX_BODY] = max_size
     app.on_response_prepare.append(_server_header)
     routes = _Routes(plane, max_size)
     app.router.add_get("/", routes.page)
     app.router.add_get("/v2/health/live", routes.live)
     app.router.add_get("/v2/health/ready", routes.ready)
     app.router.add_get("/v2", routes.observed("http_server_metadata", routes.server_metadata))
-    app.router.add_post("/v2/repository/index", routes.observed("http_index", routes.index))
+    post = functools.partial(app.router.add_post, expect_handler=_expect_within_limit)
+    post("/v2/repository/index", routes.observed("http_index", routes.index))
     for prefix in (_MODEL, _VERSION):
         app.router.add_get(prefix, routes.observed("http_model_metadata", routes.metadata))
         app.router.add_get(
             f"{prefix}/ready", routes.observed("http_model_ready", routes.model_ready)
         )
-        app.router.add_post(f"{prefix}/infer", routes.observed("http_infer", routes.infer))
-    app.router.add_post("/v1/classify", routes.observed("http_classify", routes.classify_picture))
+        post(f"{prefix}/infer", routes.observed("http_infer", routes.infer))
+    post("/v1/classify", routes.observed("http_classify", routes.classify_picture))
     return app
 
 
@@ -208,7 +213,10 @@ class _Routes:
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = await request.json()
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await request.json()
+        except TimeoutError:
+            raise InvalidInput(f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
         except web.HTTPRequestEntityTooLarge:
             raise InvalidInput(f"the body is larger than {self._max_body} bytes") from None
         except (RequestPayloadError, ConnectionError) as exc:
@@ -259,7 +267,11 @@ _UNDECLARED = {"application/octet-stream", "application/x-www-form-urlencoded", 
 
 @web.middleware
 async def _body_rules(request: web.Request, handler: Any) -> web.StreamResponse:
-    """415 before any body is read: no compressed bodies; JSON routes take JSON."""
+    """Before any body is read: 413 for a declared length over the limit (so `Expect:
+    100-continue` gets no "100 Continue"), 415 for compressed bodies and non-JSON types on
+    JSON routes."""
+    if (refusal := _over_limit(request)) is not None:
+        return refusal
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return web.json_response(
@@ -278,6 +290,28 @@ async def _body_rules(request: web.Request, handler: Any) -> web.StreamResponse:
             status=415,
         )
     return await handler(request)
+
+
+def _over_limit(request: web.Request) -> web.Response | None:
+    limit = request.app[_MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        return web.json_response(
+            {"error": f"the body is {request.content_length} bytes, over the {limit} limit"},
+            status=413,
+        )
+    return None
+
+
+async def _expect_within_limit(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue`: say "continue" only to a body this server would take."""
+    if (refusal := _over_limit(request)) is not None:
+        return refusal
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers['Expect']}")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not part of the body
+    return None
 
 
 def _model_of(request: web.Request) -> tuple[str, str]:
@@ -306,6 +340,14 @@ def _bearer_token(token: str) -> Any:
 
 async def _upload(request: web.Request) -> tuple[str, bytes]:
     """The picture: a multipart form field (any name) or the raw request body."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await _read_upload(request)
+    except TimeoutError:
+        raise InvalidInput(f"the picture did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
+
+
+async def _read_upload(request: web.Request) -> tuple[str, bytes]:
     try:
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()

@@ -126,6 +126,12 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         images = oi.check_request(served, headers, [wanted.name for wanted in request.outputs])
         max_images = self._plane.limits.max_images_per_request
         if request.raw_input_contents:
+            if len(request.raw_input_contents) != len(request.inputs):
+                raise invalid(
+                    "raw_input_contents",
+                    f"{len(request.raw_input_contents)} raw_input_contents for "
+                    f"{len(request.inputs)} input; give exactly one per input",
+                )
             if request.inputs[0].HasField("contents"):
                 raise invalid("inputs[0].contents", "give raw_input_contents or contents, not both")
             raw = request.raw_input_contents[0]

@@ -117,8 +117,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method or ""
-        if handler is None or is_open_grpc(method) or self._authorised(details):
+        if is_open_grpc(method) or self._authorised(details):
             return handler
+        if handler is None:  # an unknown method: without the token, nothing is told
+            return grpc.unary_unary_rpc_method_handler(_deny)
         metrics.REQUESTS.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED", "", "").inc()
         return _refusing(handler)
 

@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -23,9 +24,11 @@ async def raw_http(port: int, head: str, body: bytes = b"") -> tuple[int, dict, 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(head.encode("utf-8", "surrogateescape") + body)
     await writer.drain()
-    response = await asyncio.wait_for(reader.read(), timeout=10)
+    # The response alone: the server may keep the connection to drain a body it refused.
+    header = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    length = re.search(rb"(?i)content-length: *(\d+)", header)
+    payload = await reader.readexactly(int(length.group(1))) if length else b""
     writer.close()
-    header, _, payload = response.partition(b"\r\n\r\n")
     status = int(header.split()[1])
     return status, json.loads(payload or b"{}"), time.perf_counter() - started
 
@@ -175,3 +178,71 @@ async def test_small_files_of_huge_pictures_cost_bounded_memory(
     assert grown_mb < 400, grown_mb  # any mix: MAX_CONCURRENT_DECODES at a time
     assert kept_mb < 100, kept_mb  # and it is given back
     assert refused.status == 400 and "151 MB decoded, over the 64 MB limit" in message
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_sent(http_port):
+    head = post("/v1/classify", b"", "image/png").replace(
+        "Content-Length: 0", f"Content-Length: {30 << 20}"
+    )
+    status, reply, took = await raw_http(http_port, head)  # no body follows: not waited for
+    assert status == 413 and "over the" in reply["error"] and took < 1
+    expecting = head.replace("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(expecting.encode())
+    first = await asyncio.wait_for(reader.readline(), timeout=5)
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 413"), first  # never "100 Continue"
+
+
+async def test_expect_100_continue_still_works_for_a_body_within_the_limit(http_port):
+    body = tensor(data=one_hot_image(5).tolist())
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(post(INFER, body, extra="Expect: 100-continue\r\n").encode())
+    assert (await asyncio.wait_for(reader.readline(), timeout=5)).startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    response = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    assert b"HTTP/1.1 200" in response
+
+
+async def test_a_body_that_trickles_in_is_cut_off(http_port, monkeypatch):
+    from digit_recognizer.server import http as front
+
+    monkeypatch.setattr(front, "BODY_TIMEOUT_S", 0.5)
+    head = post(INFER, b"x" * 1000)  # declares 1,000 bytes, sends 10
+    status, reply, took = await raw_http(http_port, head, b"{" * 10)
+    assert status == 400 and "did not arrive within" in reply["error"] and took < 5
+
+
+async def test_an_extra_raw_input_is_refused(start_server, tiny_model_path):
+    import grpc
+
+    from digit_recognizer.protos import inference_pb2, inference_pb2_grpc
+
+    server = await start_server(tiny_model_path)
+    raw = one_hot_image(1).astype("<f4").tobytes()
+    request = inference_pb2.ModelInferRequest(
+        model_name="tiny",
+        inputs=[inference_pb2.ModelInferRequest.InferInputTensor(
+            name="pixels", datatype="FP32", shape=[1, 784])],
+        raw_input_contents=[raw, raw],
+    )  # fmt: skip
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 raw_input_contents for 1 input" in info.value.details()
+
+
+async def test_with_a_token_unknown_methods_are_unauthenticated(
+    start_server, tiny_model_path, tmp_path
+):
+    import grpc
+
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    server = await start_server(tiny_model_path, auth_token_file=token)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/secret.Service/Probe")(b"")
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
