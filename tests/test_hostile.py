@@ -246,3 +246,30 @@ async def test_with_a_token_unknown_methods_are_unauthenticated(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await channel.unary_unary("/secret.Service/Probe")(b"")
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_thousands_of_idle_streams_are_kept_not_cancelled(start_server, tiny_model_path):
+    """Without a per-connection stream limit grpc core CANCELs streams opened in a burst."""
+    import grpc
+
+    from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+
+    server = await start_server(tiny_model_path)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(2)]
+    try:
+        streams = [
+            digits_pb2_grpc.DigitClassifierStub(channel).ClassifyStream()
+            for channel in channels
+            for _ in range(2500)
+        ]
+        await asyncio.sleep(2)
+        ended = [stream for stream in streams if stream.done()]
+        assert not ended, (len(ended), await ended[0].code())
+        first = streams[0]
+        await first.write(digits_pb2.ClassifyRequest(pixels=one_hot_image(6)))
+        assert (await first.read()).response.predictions[0].digit == 6
+        for stream in streams:
+            stream.cancel()
+    finally:
+        for channel in channels:
+            await channel.close()
