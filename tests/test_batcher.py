@@ -188,6 +188,20 @@ async def test_flushes_after_the_delay_when_the_batch_stays_small(model):
     await batcher.close()
 
 
+async def test_the_delay_merges_a_request_arriving_later_and_bounds_the_wait(model):
+    batcher = await make(model, max_batch_size=64, max_delay_us=50_000)
+    started = time.perf_counter()
+    first = asyncio.ensure_future(batcher.submit(ids(1)))
+    await asyncio.sleep(0.001)  # arrives 1 ms after the first: still within its delay
+    second = asyncio.ensure_future(batcher.submit(ids(2)))
+    results = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+    waited = time.perf_counter() - started
+    assert [len(c) for c in model.calls] == [2]  # one run (without the delay: two)
+    assert [r.outputs.item() for r in results] == [2, 4]
+    assert 0.045 <= waited < 1.0, waited  # the full delay from the oldest, and no longer
+    await batcher.close()
+
+
 async def test_requests_arriving_during_a_run_form_the_next_batch_in_order(model):
     batcher = await make(model, max_batch_size=16)
     model.hold()

@@ -7,6 +7,7 @@ import json
 import socket
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -218,3 +219,56 @@ def test_cli_unreachable_server_is_one_error_line():
     result = CliRunner().invoke(main, ["health", "--target", f"127.0.0.1:{port}", "--timeout", "2"])
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+async def _scripted_server(codes: list[grpc.StatusCode]):
+    """A real digits.v1 server on 127.0.0.1 that answers Classify with `codes` in turn (OK
+    once they run out) and counts the calls it received."""
+    from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+
+    received = []
+
+    class Scripted(digits_pb2_grpc.DigitClassifierServicer):
+        async def Classify(self, request, context):
+            received.append(request)
+            if len(received) <= len(codes):
+                await context.abort(codes[len(received) - 1], "scripted")
+            return digits_pb2.ClassifyResponse(
+                predictions=[{"digit": 4, "label": "4", "confidence": 1.0,
+                              "probabilities": [0.0] * 4 + [1.0] + [0.0] * 5}]
+            )  # fmt: skip
+
+    server = grpc.aio.server()
+    digits_pb2_grpc.add_DigitClassifierServicer_to_server(Scripted(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port, received
+
+
+async def test_the_retry_policy_retries_unavailable_and_never_resource_exhausted():
+    from digit_recognizer.client.errors import Overloaded, ServerError
+
+    server, port, received = await _scripted_server([grpc.StatusCode.UNAVAILABLE] * 2)
+    async with AsyncDigitClient(
+        f"127.0.0.1:{port}", options=[("grpc.inhibit_health_checking", 1)]
+    ) as client:
+        assert (await client.classify(one_hot_image(4))).digit == 4
+    assert len(received) == 3  # two UNAVAILABLE, retried by the channel itself
+    await server.stop(0)
+
+    server, port, received = await _scripted_server([grpc.StatusCode.RESOURCE_EXHAUSTED])
+    async with AsyncDigitClient(
+        f"127.0.0.1:{port}", options=[("grpc.inhibit_health_checking", 1)]
+    ) as client:
+        with pytest.raises(Overloaded, match="scripted"):
+            await client.classify(one_hot_image(4))
+    assert len(received) == 1  # never retried at once: that is what makes overloads worse
+    await server.stop(0)
+
+    server, port, received = await _scripted_server([grpc.StatusCode.INTERNAL])
+    async with AsyncDigitClient(
+        f"127.0.0.1:{port}", options=[("grpc.inhibit_health_checking", 1)]
+    ) as client:
+        with pytest.raises(ServerError):
+            await client.classify(one_hot_image(4))
+    await server.stop(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import urllib.request
@@ -133,3 +134,51 @@ async def test_health_reports_serving_from_a_process(processes, tiny_model_path)
     server.proc.send_signal(signal.SIGINT)
     code, _ = server.finish()
     assert code == 0
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(processes, tiny_model_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = processes("--model", str(tiny_model_path), "--port", str(port))
+        code, log = server.finish()
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in log
+    assert "Traceback" not in log and " serving " not in log
+
+
+def test_json_logs_are_one_object_per_line(processes, tiny_model_path):
+    import json
+
+    server = processes("--model", str(tiny_model_path), "--log-format", "json")
+    lines = []
+    for _ in range(100):  # bounded: the serving line comes within a few lines
+        line = server._lines.get(timeout=60)
+        assert line is not None, "".join(server.log)
+        lines.append(json.loads(line))
+        if lines[-1]["message"] == "serving":
+            break
+    serving = lines[-1]
+    assert (
+        serving["level"] == "INFO" and serving["name"] == "tiny" and serving["models"] == "tiny:1"
+    )
+    server.proc.send_signal(signal.SIGTERM)
+    code, log = server.finish()
+    assert code == 0
+    assert [json.loads(line)["message"] for line in log.splitlines()][-2:] == [
+        "draining",
+        "stopped",
+    ]
+
+
+def test_a_crashing_worker_stops_the_others_and_exits_1(processes, tiny_model_path):
+    server = processes("--model", str(tiny_model_path), "--workers", "2")
+    server.wait_serving(count=2)
+    pids = [int(pid) for pid in re.findall(r" serving .*pid=(\d+)", "".join(server.log))]
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    code, log = server.finish()
+    assert code == 1 and "exited with -9; stopping the others" in log
+    assert log.count(" stopped") == 1  # the other worker drained and stopped cleanly

@@ -71,6 +71,34 @@ def _short_raw():
     return request
 
 
+def _with_input(**fields):
+    def make():
+        request = infer_request(np.zeros((1, 784), np.float32), raw=True)
+        for key, value in fields.items():
+            setattr(request.inputs[0], key, value)
+        return request
+
+    return make
+
+
+def _unknown_output():
+    request = infer_request(np.zeros((1, 784), np.float32), raw=True)
+    request.outputs.add(name="logits")
+    return request
+
+
+def _raw_and_typed():
+    request = infer_request(np.zeros((1, 784), np.float32), raw=True)
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 784)
+    return request
+
+
+def _short_typed():
+    request = infer_request(np.zeros((1, 784), np.float32), raw=False)
+    request.inputs[0].shape[:] = [2, 784]
+    return request
+
+
 @pytest.mark.parametrize(
     ("make", "code", "message"),
     [
@@ -91,6 +119,16 @@ def _short_raw():
             lambda: infer_request(np.zeros((1, 784), np.float32), raw=True, model_name="x"),
             "NOT_FOUND",
             "no model 'x' here",
+        ),
+        (_with_input(datatype="INT8"), "INVALID_ARGUMENT", "of datatype FP32, got 'pixels' INT8"),
+        (_with_input(name="image"), "INVALID_ARGUMENT", "expected input 'pixels'"),
+        (_unknown_output, "INVALID_ARGUMENT", "unknown output 'logits'"),
+        (_raw_and_typed, "INVALID_ARGUMENT", "give raw_input_contents or contents, not both"),
+        (_short_typed, "INVALID_ARGUMENT", "shape [2, 784] needs 1568 values, got 784"),
+        (
+            lambda: infer_request(np.zeros((1, 784), np.float32), raw=True, model_version="9"),
+            "NOT_FOUND",
+            "no model 'tiny' version '9' here",
         ),
     ],
 )
