@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -118,3 +119,70 @@ async def test_draining_is_not_ready_but_still_serves(start_server, tiny_model_p
             "/v1/classify", data=(EXAMPLES / "mnist-0-label7.png").read_bytes()
         )
         assert reply.status == 200
+
+
+class _Scripted:
+    """Stands in for a model's predict: slow, or failing."""
+
+    def __init__(self, model, delay_s: float = 0.0, fail: bool = False) -> None:
+        self._model, self._delay_s, self._fail = model, delay_s, fail
+
+    def __call__(self, pixels):
+        import time
+
+        time.sleep(self._delay_s)
+        if self._fail:
+            raise RuntimeError("scripted failure")
+        return self._model.predict(pixels)
+
+
+def _model_with(path, **script):
+    import dataclasses
+
+    from digit_recognizer.server.inference import InferenceOptions, Model, load_model
+
+    model = load_model(path, InferenceOptions(provider="cpu"))
+
+    @dataclasses.dataclass(frozen=True)
+    class Scripted(Model):
+        def predict(self, pixels):
+            return _Scripted(model, **script)(pixels)
+
+    return Scripted(**{f.name: getattr(model, f.name) for f in dataclasses.fields(Model)})
+
+
+def _infer_body(digit: int) -> dict:
+    pixels = one_hot_image(digit).tolist()
+    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": pixels}]}
+
+
+async def test_a_failed_model_run_is_a_500_without_details(start_server, tiny_model_path, caplog):
+    model = _model_with(tiny_model_path, fail=True)
+    server = await start_server(tiny_model_path, model=model, http_port=0)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
+        reply = await session.post("/v2/models/tiny/infer", json=_infer_body(1))
+        error = (await reply.json())["error"]
+    assert reply.status == 500 and "model run failed" in error and "scripted" not in error
+
+
+async def test_queue_full_is_429_and_an_expired_request_is_504(
+    start_server, tiny_model_path, monkeypatch
+):
+    from digit_recognizer.server import http as front
+
+    monkeypatch.setattr(front, "REQUEST_TIMEOUT_S", 0.3)
+    model = _model_with(tiny_model_path, delay_s=1.0)
+    server = await start_server(
+        tiny_model_path, model=model, http_port=0, max_queue_size=1, max_images_per_request=1
+    )
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
+        running = asyncio.ensure_future(session.post("/v2/models/tiny/infer", json=_infer_body(1)))
+        while not server.plane.active_requests:
+            await asyncio.sleep(0.01)  # bounded by the test timeout
+        queued = asyncio.ensure_future(session.post("/v2/models/tiny/infer", json=_infer_body(2)))
+        while server.plane.queued_images < 1:
+            await asyncio.sleep(0.01)
+        full = await session.post("/v2/models/tiny/infer", json=_infer_body(3))
+        assert full.status == 429 and "queue full" in (await full.json())["error"]
+        assert (await queued).status == 504
+        assert (await running).status == 200
