@@ -101,7 +101,8 @@ async def test_overload_is_refused_fast_and_nothing_accepted_is_lost(processes, 
     assert figures["rejected"] > figures["accepted"] > 0  # really overloaded, still serving
     # Refused without queueing: faster than being served, whatever else the machine is doing.
     assert figures["rejection_p50_ms"] < figures["accepted_p50_ms"]
-    assert figures["rejection_p99_ms"] < 1000
+    # The p99 of a refusal beats the median of a service (a 30x slower refusal would not).
+    assert figures["rejection_p99_ms"] < figures["accepted_p50_ms"]
     assert figures["rss_max_mb"] - figures["rss_start_mb"] < 150
     assert figures["recovery_max_ms"] < 1000
     assert os.path.exists(f"/proc/{pid}")  # still alive
