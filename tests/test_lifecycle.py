@@ -70,7 +70,7 @@ def _accepted_in_flight(server: ServerProcess) -> float:
         for line in reply.read().decode().splitlines():
             if line.startswith("digits_requests_in_flight "):
                 return float(line.split()[1])
-    return 0.0
+    raise AssertionError("no digits_requests_in_flight gauge in /metrics")
 
 
 async def _load_then_sigterm(server: ServerProcess, port: int, calls: int) -> list:
