@@ -155,29 +155,72 @@ async def test_bearer_token_is_checked_before_any_work(start_server, tiny_model_
         assert (await ok.model_info()).name == "tiny"
 
 
-async def test_http_and_grpc_open_the_same_routes(start_server, tiny_model_path, pki):
-    """security.OPEN_ROUTES, one table: probes and the page; metadata needs the token on both."""
+async def test_every_route_and_method_is_open_or_closed_as_the_one_table_says(
+    start_server, tiny_model_path, pki
+):
+    """security.OPEN_ROUTES, for every HTTP route the app has and every gRPC method served."""
     import aiohttp
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
 
-    from digit_recognizer.protos import inference_pb2, inference_pb2_grpc
+    from digit_recognizer.protos import digits_pb2, inference_pb2
+    from digit_recognizer.server.http import build_app
+    from digit_recognizer.server.security import is_open_grpc, is_open_http
 
     server = await start_server(tiny_model_path, auth_token_file=pki.token, http_port=0)
+    token = {"Authorization": "Bearer s3cret-token"}
+    routes = {
+        (route.method, route.resource.canonical.format(name="tiny", version="1"))
+        for route in build_app(server.plane, 1 << 20, "t").router.routes()
+        if route.method != "HEAD"
+    }
+    assert len(routes) >= 12, routes
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http:
-        for path in ("/", "/v2/health/live", "/v2/health/ready"):
-            assert (await http.get(path)).status == 200, path
-        for method, path in (("GET", "/v2"), ("GET", "/v2/models/tiny"), ("POST", "/v1/classify"),
-                             ("POST", "/v2/repository/index")):  # fmt: skip
-            reply = await http.request(method, path)
-            assert reply.status == 401 and "Bearer" in (await reply.json())["error"], path
-        token = {"Authorization": "Bearer s3cret-token"}
-        assert (await http.get("/v2", headers=token)).status == 200
+        for method, path in sorted(routes):
+            anonymous = await http.request(method, path)
+            if is_open_http(method, path):
+                assert anonymous.status == 200, (method, path, anonymous.status)
+            else:
+                assert anonymous.status == 401, (method, path, anonymous.status)
+                assert "Bearer" in (await anonymous.json())["error"]
+                signed = await http.request(method, path, headers=token)
+                assert signed.status != 401, (method, path)
+
+    services = [
+        digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"],
+        inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    ]
+    opened = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        oip = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
-        assert (await oip.ServerLive(inference_pb2.ServerLiveRequest())).live
-        assert (await oip.ServerReady(inference_pb2.ServerReadyRequest())).ready
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await oip.ServerMetadata(inference_pb2.ServerMetadataRequest())
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for service in services:
+            for method in service.methods:
+                name = f"/{service.full_name}/{method.name}"
+                if method.client_streaming:
+                    call = channel.stream_stream(name)(iter([b""]), timeout=5)
+                elif method.server_streaming:
+                    call = channel.unary_stream(name)(b"", timeout=5)
+                else:
+                    call = channel.unary_unary(name)(b"", timeout=5)
+                try:
+                    if method.server_streaming:
+                        await call.read()
+                    else:
+                        await call
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                if method.server_streaming:
+                    call.cancel()
+                if is_open_grpc(name):
+                    opened.append(name)
+                    assert code != grpc.StatusCode.UNAUTHENTICATED, name
+                else:
+                    assert code == grpc.StatusCode.UNAUTHENTICATED, (name, code)
+    health = {f"/grpc.health.v1.Health/{m.name}" for m in services[2].methods}
+    oip = "/inference.GRPCInferenceService/"
+    assert set(opened) == health | {oip + "ServerLive", oip + "ServerReady"}
 
 
 async def test_token_over_tls_uses_call_credentials(start_server, tiny_model_path, pki):
