@@ -336,8 +336,8 @@ class DataPlane:
             for name, versions in sorted(self._models.items())
         )
         if not model:
-            asked = f"the default model {self.default_model!r}"
-            asked += f" version {version!r}" if version else " (no version is served)"
+            default = f"the default model {self.default_model!r}"
+            asked = f"version {version!r} of {default}" if version else f"version of {default}"
             return ModelNotFound(f"no {asked} here; this server serves {served or 'nothing'}")
         asked = f"{model!r}" + (f" version {version!r}" if version else "")
         return ModelNotFound(f"no model {asked} here; this server serves {served or 'nothing'}")

@@ -215,3 +215,21 @@ def test_a_28x28_32_bit_picture_is_scaled_not_passed_through():
     pixels = to_mnist(Image.fromarray(values, mode="I"), "int32.tiff").reshape(28, 28)
     assert pixels.min() == 0.0 and pixels.max() == 1.0
     assert pixels[6:22, 13:16].min() == 1.0 and pixels[:, :10].max() == 0.0
+
+
+def test_a_broken_exif_block_does_not_lose_the_picture():
+    stored = bar_digit(size=(200, 300), box=(60, 90, 240, 110)).convert("RGB")
+    broken = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05garbage" + bytes(range(256)) * 4
+    pixels = to_mnist(encode(stored, "JPEG", exif=broken, quality=95))
+    assert_mnist_like(pixels)
+
+
+def test_thin_pen_strokes_are_thickened_to_mnist_width():
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (400, 400), 255)
+    ImageDraw.Draw(canvas).line([(60, 60), (340, 60), (150, 360)], fill=0, width=3)  # a "7"
+    pixels = to_mnist(canvas).reshape(28, 28)
+    # A 3-pixel pen on 400 pixels would be a hairline at 20: 18 inked pixels unthickened;
+    # MNIST's strokes are ~2 pixels wide, so about three times that.
+    assert int((pixels > 0.5).sum()) >= 40

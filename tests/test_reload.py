@@ -116,3 +116,32 @@ async def test_a_swap_takes_effect_between_runs_and_split_requests_report_both()
     assert calls == ["v1", "v2"] and result.versions == ("v1", "v2")
     assert (await batcher.submit(np.zeros((1, 1), np.float32))).versions == ("v2",)
     await batcher.close()
+
+
+async def test_a_file_rewritten_in_place_is_refused_half_written_and_taken_whole(tmp_path):
+    """Not atomic (an editor, `cp` over the file): the poll that sees half a file refuses it
+    and keeps serving; the poll after the write completes serves the new version."""
+    from digit_recognizer.server.dataplane import DataPlane, RequestLimits
+    from digit_recognizer.server.inference import InferenceOptions
+    from digit_recognizer.server.repository import ModelRepository, VersionPolicy
+
+    path = save(tiny_model(), tmp_path / "model.onnx")
+    plane = DataPlane(RequestLimits(8, 1 << 20), BatcherLimits())
+    repo = ModelRepository(
+        plane, path, is_directory=False, policy=VersionPolicy(),
+        options=InferenceOptions(provider="cpu"), batcher_limits=BatcherLimits(), interval_s=0,
+    )  # fmt: skip
+    await repo.load()
+    plane.default_model = "tiny"
+    refused = reloads("refused")
+    new = tiny_model(replace(CARD, version="2")).SerializeToString()
+    with path.open("wb") as target:
+        target.write(new[: len(new) // 2])
+        target.flush()
+        await repo.poll()  # half a file
+        assert reloads("refused") == refused + 1 and plane.resolve().version == "1"
+        target.write(new[len(new) // 2 :])
+    os.utime(path, ns=(1, 2))  # the mtime of a write can equal the half write's
+    await repo.poll()
+    assert plane.resolve().version == "2"
+    await plane.close()

@@ -233,3 +233,27 @@ async def test_the_client_still_reads_not_serving_from_a_draining_server(
         assert await client.health() == "SERVING"
         await server.health.enter_graceful_shutdown()
         assert await client.health() == "NOT_SERVING"
+
+
+async def test_every_front_serves_while_draining(start_server, tiny_model_path):
+    from digit_recognizer.protos import inference_pb2, inference_pb2_grpc
+
+    server = await start_server(tiny_model_path)
+    server.plane.start_draining()
+    await server.health.enter_graceful_shutdown()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        oip = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert not (await oip.ServerReady(inference_pb2.ServerReadyRequest())).ready
+        request = inference_pb2.ModelInferRequest(
+            model_name="tiny",
+            inputs=[inference_pb2.ModelInferRequest.InferInputTensor(
+                name="pixels", datatype="FP32", shape=[1, 784])],
+            raw_input_contents=[one_hot_image(2).astype("<f4").tobytes()],
+        )  # fmt: skip
+        reply = await oip.ModelInfer(request)
+        assert np.frombuffer(reply.raw_output_contents[0], "<f4").argmax() == 2
+        stream = digits_pb2_grpc.DigitClassifierStub(channel).ClassifyStream(
+            iter([digits_pb2.ClassifyRequest(request_id="d", pixels=one_hot_image(8))])
+        )
+        replies = [r async for r in stream]
+    assert [(r.request_id, r.response.predictions[0].digit) for r in replies] == [("d", 8)]
