@@ -12,6 +12,8 @@ import pytest
 from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, RunPolicy
 from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
 
+from waiting import until
+
 
 class FakeModel:
     """Doubles its input. `hold()` makes the next run block until `release()`."""
@@ -154,8 +156,7 @@ async def test_compute_time_is_time_in_the_model_on_the_worker_path_too():
     batcher = Batcher(predict, BatcherLimits(inline_max_us=0), on_batch=(events := []).append)
     batcher.start()
     submitted = asyncio.ensure_future(batcher.submit(ids(1)))
-    while not started.is_set():
-        await asyncio.sleep(0.001)  # bounded by the test timeout
+    await until(started.is_set, "the run to start")
     finish.set()
     time.sleep(0.05)  # the loop is busy while the result is handed back
     result = await submitted

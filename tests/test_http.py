@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from onnx_models import one_hot_image
+from waiting import until
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -177,11 +178,9 @@ async def test_queue_full_is_429_and_an_expired_request_is_504(
     )
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
         running = asyncio.ensure_future(session.post("/v2/models/tiny/infer", json=_infer_body(1)))
-        while not server.plane.active_requests:
-            await asyncio.sleep(0.01)  # bounded by the test timeout
+        await until(lambda: server.plane.active_requests, "the first call running")
         queued = asyncio.ensure_future(session.post("/v2/models/tiny/infer", json=_infer_body(2)))
-        while server.plane.queued_images < 1:
-            await asyncio.sleep(0.01)
+        await until(lambda: server.plane.queued_images >= 1, "the second call queued")
         full = await session.post("/v2/models/tiny/infer", json=_infer_body(3))
         assert full.status == 429 and "queue full" in (await full.json())["error"]
         assert (await queued).status == 504

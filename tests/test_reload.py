@@ -14,6 +14,7 @@ from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.server.batcher import Batcher, BatcherLimits
 
 from onnx_models import CARD, one_hot_image, save, tiny_model
+from waiting import until
 
 
 def reloads(result: str) -> float:
@@ -108,8 +109,7 @@ async def test_a_swap_takes_effect_between_runs_and_split_requests_report_both()
     )
     batcher.start()
     split = asyncio.ensure_future(batcher.submit(np.arange(4, dtype=np.float32).reshape(4, 1)))
-    while not calls:
-        await asyncio.sleep(0.001)
+    await until(lambda: calls, "the first run")
     batcher.swap(model("v2", block=False), "v2")
     gate.set()
     result = await split

@@ -270,7 +270,8 @@ def test_plaintext_must_be_chosen_and_tls_flags_must_be_whole(processes, tiny_mo
     assert both.returncode == 2 and "--plaintext contradicts --tls-cert" in both.stderr
 
 
-def test_grpc_status_for_unauthenticated_is_mapped():
+def test_permission_denied_is_reported_as_unauthenticated_too():
+    """A proxy in front may answer PERMISSION_DENIED; callers get the same error type."""
     from digit_recognizer.client.errors import from_rpc_error
 
     class Fake(grpc.RpcError):

@@ -20,6 +20,7 @@ from digit_recognizer.server.inference import InferenceOptions, Model, load_mode
 from digit_recognizer.trainer.data import load_dataset, to_model_inputs
 
 from onnx_models import one_hot_image, save, tiny_model
+from waiting import until
 
 SERVICE = "digits.v1.DigitClassifier"
 
@@ -181,8 +182,7 @@ async def test_full_queue_gives_resource_exhausted_at_once(start_server, tiny_mo
         queued = asyncio.ensure_future(
             stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(2, 3, 4).ravel()))
         )
-        while server.plane.queued_images < 3:
-            await asyncio.sleep(0.001)  # bounded by the test timeout
+        await until(lambda: server.plane.queued_images >= 3, "3 images queued")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub(chan).Classify(
                 digits_pb2.ClassifyRequest(pixels=images(5, 6).ravel()), timeout=5
@@ -241,17 +241,20 @@ async def test_expired_and_cancelled_requests_are_never_computed(start_server, t
             await expiring
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # gRPC cancels the expired handler on the server too: it stops counting at once.
-        while server.plane.active_requests > 1 or server.plane.queued_images:
-            await asyncio.sleep(0.001)  # bounded by the test timeout
+        await until(
+            lambda: server.plane.active_requests <= 1 and not server.plane.queued_images,
+            "the expired call gone",
+        )
         cancelled = stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(8).ravel()))
-        while server.plane.queued_images < 1:
-            await asyncio.sleep(0.001)
+        await until(lambda: server.plane.queued_images >= 1, "the call to cancel queued")
         cancelled.cancel()
         # The cancellation travels to the server asynchronously: release the model only once
         # both abandoned handlers are gone (only the blocker is still active) and their
         # images no longer count against the queue.
-        while server.plane.active_requests > 1 or server.plane.queued_images:
-            await asyncio.sleep(0.001)  # bounded by the test timeout
+        await until(
+            lambda: server.plane.active_requests <= 1 and not server.plane.queued_images,
+            "the cancelled call gone",
+        )
         model.gate.set()
         await blocker
         after = await stub(chan).Classify(digits_pb2.ClassifyRequest(pixels=images(3).ravel()))
