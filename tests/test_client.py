@@ -166,7 +166,10 @@ def test_cli_classifies_files_directories_and_stdin(served):
     lines = result.output.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"{examples[0]}: ")
     directory = run("classify", "--target", served, str(REPO / "examples"))
-    assert len(directory.output.strip().splitlines()) == len(examples)
+    answered = directory.output.strip().splitlines()
+    assert directory.exit_code == 0 and len(answered) == len(examples)
+    assert sorted(line.split(": ")[0] for line in answered) == sorted(map(str, examples))
+    assert all(line.split(": ")[1][0].isdigit() for line in answered)  # "7 (0.998)"
     piped = run("classify", "--target", served, "-", input=examples[0].read_bytes())
     assert piped.exit_code == 0 and piped.output.startswith("-: ")
 
