@@ -6,9 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= models/model.onnx
-# MNIST: $MNIST_DATA_DIR, else ../shared/mnist when present, else the trainer's Keras download.
-MNIST_DATA_DIR ?= $(if $(wildcard ../shared/mnist/*),../shared/mnist,)
-export MNIST_DATA_DIR
+# MNIST: digit-train looks at --data-dir, $MNIST_DATA_DIR, ../shared/mnist, then downloads.
 PYTEST_ARGS ?=
 # Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
 SERVE_ARGS ?= --plaintext

@@ -24,7 +24,13 @@ from bench.measure import Measurement, Workload, measure
 from bench.venvs import VenvError, peer_python
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.inference import InferenceOptions, Model, load_model
-from digit_recognizer.trainer.data import DataError, load_dataset, resolve_data_dir, to_model_inputs
+from digit_recognizer.trainer.data import (
+    SHARED_DATA_DIR,
+    DataError,
+    load_dataset,
+    resolve_data_dir,
+    to_model_inputs,
+)
 
 CONCURRENCIES = (1, 16, 64, 256)
 BULK = Workload("bulk", "classify", 256, 4)
@@ -36,7 +42,6 @@ PEER_REQUIREMENTS = {
     "mlserver": ("mlserver==1.7.1", "uvloop<0.22", "onnxruntime==1.31.1"),
     "pytriton": ("nvidia-pytriton==0.7.0", "onnxruntime==1.31.1"),
 }
-SHARED_MNIST = Path(__file__).parent.parent.parent / "shared" / "mnist"
 console = Console(stderr=True)
 
 
@@ -66,10 +71,10 @@ def plan(quick: bool) -> list[tuple[str, list[Workload]]]:
 def samples_file(out: Path, data_dir: str | None, model: Model) -> Path:
     """1,024 MNIST test digits and the digits this model gives them in-process: a server
     that answers anything else (wrong order, wrong rows) is counted as wrong."""
-    location = resolve_data_dir(data_dir) or SHARED_MNIST
-    if not location.exists():
+    location = resolve_data_dir(data_dir)
+    if location is None or not location.exists():
         raise click.ClickException(
-            f"no MNIST data at {location}: pass --data-dir or set MNIST_DATA_DIR"
+            f"no MNIST data at {location or SHARED_DATA_DIR}: pass --data-dir or set MNIST_DATA_DIR"
         )
     try:
         dataset = load_dataset(location)

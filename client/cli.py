@@ -35,57 +35,39 @@ def _read(path: Path | None) -> bytes | None:
     return path.read_bytes() if path else None
 
 
-def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--target, --timeout and the TLS / token options, shared by every command."""
+_PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
+# (name, option settings): the connection options, accepted before the subcommand (as kubectl
+# and grpcurl users type them) and after it; after wins.
+_CONNECTION: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--target", {"default": DEFAULT_TARGET, "help": "Server address; dns:///host:port "
+                  "balances over every address."}),
+    ("--timeout", {"type": float, "default": DEFAULT_TIMEOUT_S, "help": "Seconds per call."}),
+    ("--tls", {"is_flag": True, "help": "Use TLS with the system's root certificates."}),
+    ("--ca-cert", {"type": _PATH, "help": "PEM root certificate(s) to verify the server (TLS)."}),
+    ("--client-cert", {"type": _PATH, "help": "PEM client certificate (mutual TLS)."}),
+    ("--client-key", {"type": _PATH, "help": "PEM client private key (mutual TLS)."}),
+    ("--token-file", {"type": _PATH, "help": "File holding a bearer token."}),
+    ("--model", {"default": "", "help": "Model to ask (digit-client models lists them); "
+                 "default: the server's default."}),
+    ("--model-version", {"default": "", "help": "Its version; default: the latest."}),
+)  # fmt: skip
 
-    @click.option(
-        "--target",
-        default=DEFAULT_TARGET,
-        show_default=True,
-        show_envvar=True,
-        help="Server address; dns:///host:port balances over every address.",
-    )
-    @click.option(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        show_default=True,
-        help="Seconds per call.",
-    )
-    @click.option("--tls", is_flag=True, help="Use TLS with the system's root certificates.")
-    @click.option(
-        "--ca-cert",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        show_envvar=True,
-        help="PEM root certificate(s) to verify the server (TLS).",
-    )
-    @click.option(
-        "--client-cert",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        show_envvar=True,
-        help="PEM client certificate (mutual TLS).",
-    )
-    @click.option(
-        "--client-key",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        show_envvar=True,
-        help="PEM client private key (mutual TLS).",
-    )
-    @click.option(
-        "--token-file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        show_envvar=True,
-        help="File holding a bearer token.",
-    )
-    @click.option(
-        "--model",
-        default="",
-        show_envvar=True,
-        help="Model to ask (digit-client models lists them); default: the server's default.",
-    )
-    @click.option(
-        "--model-version", default="", show_envvar=True, help="Its version; default: the latest."
-    )
+
+def _connection_decorators(for_group: bool) -> list[Callable[..., Any]]:
+    decorators = []
+    for name, settings in _CONNECTION:
+        settings = dict[str, Any](settings)
+        if for_group:  # unset unless typed: only what was given is passed on
+            settings["default"] = False if settings.get("is_flag") else None
+        else:
+            settings["show_default"] = "default" in settings and not settings.get("is_flag")
+        decorators.append(click.option(name, show_envvar=True, **settings))
+    return decorators
+
+
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--target, --timeout, the TLS / token options and the model, shared by every command."""
+
     @functools.wraps(command)
     def wrapper(
         target: str,
@@ -119,11 +101,21 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
         except DigitClientError as exc:
             raise click.ClickException(str(exc)) from None
 
+    for decorate in reversed(_connection_decorators(for_group=False)):
+        wrapper = decorate(wrapper)
     return wrapper
 
 
+def _group_connection_options(group: Callable[..., Any]) -> Callable[..., Any]:
+    for decorate in reversed(_connection_decorators(for_group=True)):
+        group = decorate(group)
+    return group
+
+
 @click.group(context_settings=CONTEXT)
-def main() -> None:
+@_group_connection_options
+@click.pass_context
+def main(ctx: click.Context, **given: Any) -> None:
     """Classify handwritten digits with a digit-server.
 
     \b
@@ -135,7 +127,12 @@ def main() -> None:
       digit-client models
       digit-client health && echo ready
       digit-client bench --concurrency 64 --duration 10
+      digit-client --target server:50051 --token-file t info
+
+    The connection options work before the subcommand and after it (after wins).
     """
+    given = {key: value for key, value in given.items() if value not in (None, False)}
+    ctx.default_map = {**{name: given for name in main.commands}, **(ctx.default_map or {})}
 
 
 def _expand(paths: tuple[str, ...]) -> list[str]:
@@ -350,7 +347,13 @@ def bench(
     )
     if as_json:
         click.echo(json.dumps(result))
-        return
+    else:
+        _print_bench(result)
+    if result["errors"]:
+        sys.exit(1)  # a benchmark whose calls failed measured something else
+
+
+def _print_bench(result: dict[str, Any]) -> None:
     click.echo(
         f"{result['requests']} requests ({result['images']} images) in {result['seconds']:.2f} s: "
         f"{result['requests_per_s']:.0f} requests/s, {result['images_per_s']:.0f} images/s\n"
@@ -370,6 +373,7 @@ async def _bench(
     protocol: str,
     show_progress: bool,
 ) -> dict[str, Any]:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from digit_recognizer.protos import digits_pb2, inference_pb2, inference_pb2_grpc
@@ -412,7 +416,8 @@ async def _bench(
             TextColumn("{task.description}"),
             TimeElapsedColumn(),
             transient=True,
-            disable=not show_progress,
+            disable=not show_progress or not sys.stderr.isatty(),
+            console=Console(stderr=True),  # stdout holds the result alone
         ) as bar:
             task = bar.add_task("", total=total)
 

@@ -212,7 +212,17 @@ def test_cli_info_health_and_bench(served):
     v2 = run("bench", "--target", served, "--count", "20", "--protocol", "v2", "--json")
     assert json.loads(v2.output)["requests"] == 20 and not json.loads(v2.output)["errors"]
     text = run("bench", "--target", served, "--duration", "0.5", "--batch-size", "8")
+    assert text.output.startswith(("1", "2", "3", "4", "5", "6", "7", "8", "9"))  # no blank line
     assert "requests/s" in text.output and "p99" in text.output
+    failing = run("bench", "--target", served, "--count", "5", "--batch-size", "5000")
+    assert failing.exit_code == 1 and "errors:" in failing.output  # too many images per call
+
+
+def test_cli_connection_options_go_before_or_after_the_subcommand(served):
+    before = run("--target", served, "info", "--json")
+    assert before.exit_code == 0 and json.loads(before.output)["name"] == "tiny"
+    after_wins = run("--target", "127.0.0.1:1", "health", "--target", served)
+    assert (after_wins.exit_code, after_wins.output.strip()) == (0, "SERVING")
 
 
 def test_cli_unreachable_server_is_one_error_line():

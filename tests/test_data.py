@@ -39,12 +39,17 @@ def test_loads_npz_file_and_directory(tmp_path, idx_dir):
         np.testing.assert_array_equal(loaded.x_test, source.x_test)
 
 
-def test_flag_wins_over_environment(monkeypatch, tmp_path):
+def test_flag_wins_over_environment_over_shared_over_download(monkeypatch, tmp_path):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
     monkeypatch.setenv("MNIST_DATA_DIR", "/from/env")
     assert resolve_data_dir(tmp_path) == tmp_path
     assert resolve_data_dir(None) == Path("/from/env")
     monkeypatch.delenv("MNIST_DATA_DIR")
-    assert resolve_data_dir(None) is None
+    assert resolve_data_dir(None) is None  # the Keras download
+    write_idx_set(tmp_path / "shared" / "mnist")
+    assert resolve_data_dir(None) == Path("../shared/mnist")
 
 
 def _corrupt(path: Path, data: bytes) -> None:

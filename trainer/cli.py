@@ -78,7 +78,8 @@ def _names(
     envvar=DATA_DIR_ENV,
     show_envvar=True,
     help="Directory with the four MNIST-layout IDX files (.gz or raw) or mnist.npz, "
-    "or an .npz file. Without it: the Keras download.",
+    "or an .npz file. Without it: ../shared/mnist when it holds the files, else the Keras "
+    "download.",
 )
 @click.option(
     "-o",

@@ -54,10 +54,18 @@ class Dataset:
                 )
 
 
+SHARED_DATA_DIR = Path("..") / "shared" / "mnist"  # beside the checkout, as CI lays it out
+
+
 def resolve_data_dir(flag: str | os.PathLike[str] | None) -> Path | None:
-    """The `--data-dir` flag, else $MNIST_DATA_DIR, else None (meaning: the Keras download)."""
+    """Where MNIST is read from, in this order (the one place that decides it): the
+    `--data-dir` flag, else $MNIST_DATA_DIR, else ../shared/mnist (from the current
+    directory) when it holds the files, else None, meaning the usual Keras download."""
     chosen = flag if flag else os.environ.get(DATA_DIR_ENV) or None
-    return Path(chosen) if chosen else None
+    if chosen:
+        return Path(chosen)
+    shared = SHARED_DATA_DIR
+    return shared if any(shared.glob("t10k-images*")) or (shared / "mnist.npz").is_file() else None
 
 
 def load_dataset(location: Path | None) -> Dataset:
