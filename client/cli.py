@@ -190,7 +190,10 @@ def classify(
             predictions = client.classify_many(np.stack([p for _, p in prepared]), top_k=top_k)
         for (name, pixels), prediction in zip(prepared, predictions, strict=True):
             if show:
-                click.echo("\n".join(render(pixels)))
+                # JSON lines stay JSON: the picture goes to stderr then. Colour half-blocks
+                # only for a terminal; text anywhere else.
+                out = sys.stderr if as_json else sys.stdout
+                click.echo("\n".join(render(pixels, ascii_only=not out.isatty())), err=as_json)
             click.echo(_format(name, prediction, as_json))
     if failures:
         sys.exit(1)

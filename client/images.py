@@ -265,9 +265,16 @@ def _frame(ink: np.ndarray, label: str) -> np.ndarray:
     return frame
 
 
-def render(pixels: np.ndarray) -> list[str]:
-    """28x28 pixels as 14 lines of half blocks with 24-bit colour escape codes (for --show)."""
+_ASCII_SHADES = " .:-=+*#%@"
+
+
+def render(pixels: np.ndarray, ascii_only: bool = False) -> list[str]:
+    """28x28 pixels as 14 lines of half blocks with 24-bit colour escape codes (for --show),
+    or, `ascii_only`, as 28 lines of plain characters from light to dark ink."""
     image = np.clip(np.asarray(pixels, np.float32).reshape(SIDE, SIDE) * 255, 0, 255).astype(int)
+    if ascii_only:
+        shades = len(_ASCII_SHADES) - 1
+        return ["".join(_ASCII_SHADES[round(v * shades / 255)] for v in row) for row in image]
     lines = []
     for row in range(0, SIDE, 2):
         cells = []

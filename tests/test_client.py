@@ -196,8 +196,19 @@ def test_cli_bad_pictures_exit_1_and_good_ones_still_print(served, tmp_path):
 
 def test_cli_show_draws_the_model_input(served):
     good = str(REPO / "examples" / "mnist-0-label7.png")
-    result = run("classify", "--target", served, "--show", good)
-    assert result.output.count("▀") == 28 * 14
+    piped = run("classify", "--target", served, "--show", good)  # not a terminal: plain text
+    picture, answer = piped.stdout.splitlines()[:28], piped.stdout.splitlines()[28]
+    assert all(len(row) == 28 and row.isascii() for row in picture) and "\x1b" not in piped.stdout
+    assert sum(row.count("@") for row in picture) > 20 and answer.startswith(f"{good}: ")
+    as_json = run("classify", "--target", served, "--show", "--json", good)
+    assert [json.loads(line)["path"] for line in as_json.stdout.splitlines()] == [good]
+    assert len(as_json.stderr.splitlines()) == 28  # the picture, beside the JSON
+
+
+def test_show_draws_half_blocks_for_a_terminal():
+    from digit_recognizer.client.images import render
+
+    assert "".join(render(one_hot_image(3))).count("▀") == 28 * 14
 
 
 def test_cli_info_health_and_bench(served):
