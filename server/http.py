@@ -57,11 +57,14 @@ _VERSION = "/v2/models/{name}/versions/{version}"
 def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Application:
     max_size = max(max_body, MAX_UPLOAD_BYTES)
     middlewares = [_bearer_token(token)] if token else []
-    app = web.Application(client_max_size=max_size, middlewares=[*middlewares, _body_rules])
+    app = web.Application(
+        client_max_size=max_size, middlewares=[_json_errors, *middlewares, _body_rules]
+    )
     app[_MAX_BODY] = max_size
     app.on_response_prepare.append(_server_header)
     routes = _Routes(plane, max_size)
     app.router.add_get("/", routes.page)
+    app.router.add_get("/favicon.ico", routes.icon)
     app.router.add_get("/v2/health/live", routes.live)
     app.router.add_get("/v2/health/ready", routes.ready)
     app.router.add_get("/v2", routes.observed("http_server_metadata", routes.server_metadata))
@@ -104,6 +107,10 @@ class _Routes:
     async def page(self, request: web.Request) -> web.Response:
         html = resources.files("digit_recognizer.server").joinpath("static/index.html")
         return web.Response(text=html.read_text(), content_type="text/html")
+
+    async def icon(self, request: web.Request) -> web.Response:
+        svg = resources.files("digit_recognizer.server").joinpath("static/favicon.svg")
+        return web.Response(text=svg.read_text(), content_type="image/svg+xml")
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -263,6 +270,20 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 _JSON_ROUTES = ("/infer", "/v2/repository/index")
 # What clients send for a JSON body without being told: curl -d, aiohttp/requests bytes.
 _UNDECLARED = {"application/octet-stream", "application/x-www-form-urlencoded", "text/plain"}
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own refusals (404 no such route, 405 wrong method) in JSON like all others."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        message = {404: f"no route {request.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.path}"}.get(exc.status, exc.reason)  # fmt: skip
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return web.json_response({"error": message}, status=exc.status, headers=allow)
 
 
 @web.middleware

@@ -37,6 +37,7 @@ OPEN_ROUTES = (
         "readiness", "/inference.GRPCInferenceService/ServerReady", ("GET", "/v2/health/ready")
     ),
     OpenRoute("the draw-a-digit page", None, ("GET", "/")),
+    OpenRoute("its icon", None, ("GET", "/favicon.ico")),
 )
 _OPEN_GRPC = tuple(route.grpc_prefix for route in OPEN_ROUTES if route.grpc_prefix)
 _OPEN_HTTP = frozenset(route.http for route in OPEN_ROUTES if route.http)

@@ -185,3 +185,17 @@ async def test_queue_full_is_429_and_an_expired_request_is_504(
         assert full.status == 429 and "queue full" in (await full.json())["error"]
         assert (await queued).status == 504
         assert (await running).status == 200
+
+
+async def test_wrong_method_and_unknown_route_are_json_too(http):
+    wrong = await http.get("/v1/classify")
+    assert wrong.status == 405 and wrong.headers["Allow"] == "POST"
+    assert "GET is not allowed on /v1/classify" in (await wrong.json())["error"]
+    missing = await http.get("/v3/nothing")
+    assert missing.status == 404 and (await missing.json())["error"] == "no route /v3/nothing"
+
+
+async def test_the_page_has_an_icon(http):
+    icon = await http.get("/favicon.ico")
+    assert icon.status == 200 and icon.content_type == "image/svg+xml"
+    assert "<svg" in await icon.text()
