@@ -102,3 +102,28 @@ def test_default_training_reproduces_the_notebook(mnist_dir, tmp_path):
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
     assert card.test_accuracy >= 0.976, result.output
+
+
+def test_the_card_says_what_the_data_was_not_where_it_lay(trained_model, mnist_dir):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(trained_model), providers=["CPUExecutionProvider"])
+    dataset = json.loads(session.get_modelmeta().custom_metadata_map["dataset"])
+    assert dataset["name"] == "mnist" and dataset["train_images"] == 6000
+    assert dataset["test_images"] == 10000 and len(dataset["files"]) == 4
+    assert all(len(digest) == 64 for digest in dataset["files"].values())
+    assert str(mnist_dir) not in json.dumps(dataset) and "/" not in json.dumps(dataset)
+
+
+def test_tensorflow_start_up_noise_is_silenced_unless_verbose(mnist_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train = str(Path(sys.executable).parent / "digit-train")
+    args = [train, "--data-dir", str(mnist_dir), "--train-limit", "300", "--epochs", "1"]
+    args += ["--hidden", "8", "-o", str(tmp_path / "m.onnx")]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "", quiet.stderr  # not one line of oneDNN or absl
+    assert quiet.stdout.startswith("data: ") and "parity: onnxruntime == keras" in quiet.stdout

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,6 +131,11 @@ def _names(
     help="Also write training curves, confusion matrix and worst errors as PNGs here.",
 )
 @click.option(
+    "--verbose",
+    is_flag=True,
+    help="Also show TensorFlow's own start-up messages (oneDNN notices, absl warnings).",
+)
+@click.option(
     "--if-missing",
     is_flag=True,
     help="Do nothing when --output already holds a valid model (an invalid one is replaced).",
@@ -141,6 +149,7 @@ def train(
     train_limit: int | None,
     report: Path | None,
     if_missing: bool,
+    verbose: bool,
     **knobs: Any,
 ) -> None:
     """Train the MLP (the notebook by default) and export a verified ONNX model."""
@@ -170,11 +179,12 @@ def train(
     click.echo(f"config: {json.dumps(config.to_dict())}")
 
     # TensorFlow takes seconds to import: only pay for it once the inputs are known good.
-    from digit_recognizer.trainer.export import ParityError, export
-    from digit_recognizer.trainer.model import train as fit
-    from digit_recognizer.trainer.model import weights_sha256
+    with _native_stderr_silenced(not verbose):
+        from digit_recognizer.trainer.export import ParityError, export
+        from digit_recognizer.trainer.model import train as fit
+        from digit_recognizer.trainer.model import weights_sha256
 
-    result = fit(config, dataset, log=click.echo)
+        result = fit(config, dataset, log=click.echo)
     card = ModelCard(
         name=name,
         version=model_version or datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
@@ -182,7 +192,7 @@ def train(
         test_accuracy=round(result.test_accuracy, 6),
         test_loss=round(result.test_loss, 6),
         labels=config.labels,
-        dataset=dataset.source,
+        dataset=json.dumps(dataset.describe(), sort_keys=True),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         training_config={**config.to_dict(), "train_images": len(dataset.x_train)},
         library_versions=_library_versions(),
@@ -190,9 +200,14 @@ def train(
     from digit_recognizer.trainer.data import to_model_inputs
 
     try:
-        parity = export(
-            result.model, card, output, to_model_inputs(dataset.x_test), result.test_probabilities
-        )
+        with _native_stderr_silenced(not verbose):
+            parity = export(
+                result.model,
+                card,
+                output,
+                to_model_inputs(dataset.x_test),
+                result.test_probabilities,
+            )
     except ParityError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
@@ -250,6 +265,26 @@ def inspect(model: Path, as_json: bool) -> None:
     for kind in ("inputs", "outputs"):
         for tensor in signature[kind]:
             click.echo(f"  {kind[:-1]:18} {tensor['name']} {tensor['type']} {tensor['shape']}")
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(silence: bool) -> Iterator[None]:
+    """TensorFlow's C++ side writes its notices straight to file descriptor 2, past
+    TF_CPP_MIN_LOG_LEVEL; while it runs, fd 2 goes to /dev/null. This program's own lines
+    are on stdout, and its errors are raised, so they are printed after this returns."""
+    if not silence:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _open_model(path: Path) -> tuple[Any, ModelCard]:

@@ -8,10 +8,11 @@ person running the trainer needs to know which download is broken, not where num
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,17 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    source: str
+    source: str  # where it was read from, for messages on this machine
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, for the card
+
+    def describe(self, train_images: int | None = None) -> dict[str, object]:
+        """What the data was, for a model card that travels: no local paths."""
+        return {
+            "name": "mnist",
+            "train_images": len(self.x_train) if train_images is None else train_images,
+            "test_images": len(self.x_test),
+            "files": dict(self.files),
+        }
 
     def validate_labels(self, num_classes: int) -> None:
         for name, labels in (("training", self.y_train), ("test", self.y_test)):
@@ -123,6 +134,7 @@ def _load_idx_set(directory: Path, files: dict[tuple[str, str], Path]) -> Datase
         x_test=arrays[("test", "images")],
         y_test=arrays[("test", "labels")],
         source=str(directory),
+        files={path.name: _sha256(path) for path in sorted(files.values())},
     )
 
 
@@ -181,6 +193,7 @@ def load_npz(path: Path) -> Dataset:
         x_test=arrays["x_test"],
         y_test=arrays["y_test"].astype(np.uint8),
         source=str(path),
+        files={path.name: _sha256(path)},
     )
 
 
@@ -193,7 +206,17 @@ def _load_keras_download() -> Dataset:
         raise DataError(
             f"keras MNIST download failed ({exc}); pass --data-dir or set {DATA_DIR_ENV}"
         ) from None
-    return Dataset(x_train, y_train, x_test, y_test, source="keras.datasets.mnist")
+    # load_data verified the download against this hash: it is the file's sha256.
+    files = {"mnist.npz": "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"}
+    return Dataset(x_train, y_train, x_test, y_test, "keras.datasets.mnist", files)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_model_inputs(images: np.ndarray) -> np.ndarray:
