@@ -232,6 +232,8 @@ def info(connect: Callable[[], DigitClient], as_json: bool) -> None:
         click.echo(json.dumps(data))
         return
     table = Table(title=f"{model.name} {model.version}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # sha256 values are read whole, never cut with "…"
     for key, value in data.items():
         table.add_row(key, value if isinstance(value, str) else json.dumps(value))
     Console().print(table)

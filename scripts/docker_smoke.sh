@@ -57,7 +57,7 @@ cleanup() {
   docker builder prune -af >/dev/null 2>&1
   kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null
   if mountpoint -q "$WORK/exec/netns/default" 2>/dev/null; then umount "$WORK/exec/netns/default"; fi
-  rm -rf "$WORK/data" "$WORK/exec"
+  rm -rf "$WORK/data" "$WORK/exec" "$ROOT/.wheels"  # the wheels are a build input only
   echo "== cleaned up (dockerd $DOCKERD_PID stopped; summary in $SUMMARY)"
 }
 trap cleanup EXIT

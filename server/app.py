@@ -167,6 +167,13 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
     except (ModelError, StartupError) as exc:
         log.error("not starting: %s", exc)
         return 1
+    if config.metrics_port is not None and config.workers == 1 and not reuse_port:
+        try:  # only now: a server that cannot start logs one line, not a metrics line first
+            start_metrics(config)
+        except StartupError as exc:
+            log.error("not starting: %s", exc)
+            await running.stop(0)
+            return 1
     plane = running.plane
     default = plane.resolve()
     log.info(
@@ -213,8 +220,6 @@ def run(config: ServerConfig) -> int:
     """The process entry point: one server, or a supervisor of `config.workers` servers."""
     _give_back_large_allocations()
     if config.workers == 1:
-        if config.metrics_port is not None:
-            start_metrics(config)
         return asyncio.run(serve(config))
     return supervise(config, worker_main, start_metrics)
 

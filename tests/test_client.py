@@ -214,7 +214,9 @@ def test_show_draws_half_blocks_for_a_terminal():
 def test_cli_info_health_and_bench(served):
     info = json.loads(run("info", "--target", served, "--json").output)
     assert info["name"] == "tiny" and info["execution_provider"] == "CPUExecutionProvider"
-    assert "tiny" in run("info", "--target", served).output
+    table = run("info", "--target", served).output
+    assert "tiny" in table and "…" not in table
+    assert info["file_sha256"] in "".join(table.split()).replace("│", "")  # folded, never cut
     health = run("health", "--target", served)
     assert (health.exit_code, health.output.strip()) == (0, "SERVING")
     bench = run("bench", "--target", served, "--count", "50", "--concurrency", "4", "--json")

@@ -182,3 +182,11 @@ def test_a_crashing_worker_stops_the_others_and_exits_1(processes, tiny_model_pa
     code, log = server.finish()
     assert code == 1 and "exited with -9; stopping the others" in log
     assert log.count(" stopped") == 1  # the other worker drained and stopped cleanly
+
+
+def test_a_corrupt_model_is_the_only_line_even_with_metrics_on(processes, tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x01garbage")
+    server = processes("--model", str(path), "--metrics-port", "0")
+    code, log = server.finish()
+    assert code == 1 and log.count("\n") == 1 and "not starting" in log, log

@@ -33,6 +33,11 @@ def test_bad_flag_is_a_usage_error():
     assert "--hidden needs one or more positive widths" in result.output
     result = run("--optimizer", "adamax")
     assert result.exit_code == 2 and "Invalid value for '--optimizer'" in result.output
+    every = run("--hidden", "abc", "--epochs", "0", "--dropout", "2")
+    assert every.exit_code == 2
+    for problem in ("--hidden expects comma-separated integers", "--epochs must be at least 1",
+                    "--dropout must be in [0, 1)"):  # fmt: skip
+        assert problem in every.output, every.output
 
 
 def test_bad_data_dir_is_one_clear_line(tmp_path):

@@ -55,17 +55,22 @@ def main() -> None:
     """
 
 
+_FLAG_PROBLEMS = "flag problems"  # ctx.meta key: listed with the config's own problems
+
+
 def _widths(
-    _ctx: click.Context, _param: click.Parameter, value: str | None
+    ctx: click.Context, _param: click.Parameter, value: str | None
 ) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
         return tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
-        raise click.BadParameter(
-            f"expected comma-separated integers like 512 or 1024,1024, got {value!r}"
-        ) from None
+        # Not raised here: that would hide every other problem of the command line.
+        ctx.meta.setdefault(_FLAG_PROBLEMS, []).append(
+            f"--hidden expects comma-separated integers like 512 or 1024,1024, got {value!r}"
+        )
+        return None
 
 
 def _names(
@@ -163,7 +168,7 @@ def train(
             click.echo(f"model: {output} exists (version {existing.version}); not retraining")
             return
     config = replace(PRESETS[preset], **{k: v for k, v in knobs.items() if v is not None})
-    problems = config.validate()
+    problems = click.get_current_context().meta.get(_FLAG_PROBLEMS, []) + config.validate()
     if problems:
         raise click.UsageError("\n".join(problems))
     try:
