@@ -9,7 +9,7 @@ MODEL ?= models/model.onnx
 # MNIST: digit-train looks at --data-dir, $MNIST_DATA_DIR, ../shared/mnist, then downloads.
 PYTEST_ARGS ?=
 # Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
-SERVE_ARGS ?= --plaintext
+SERVE_ARGS ?= --plaintext --http-port 8080
 
 .PHONY: run serve test setup train train-best lint protos bench docker-test soak browser-test clean
 

@@ -199,6 +199,11 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
             }
         },
     )
+    if running.http is not None:
+        host = config.host.strip("[]")
+        shown = "localhost" if host in ("", "::", "0.0.0.0") else host
+        url = f"http://{f'[{shown}]' if ':' in shown else shown}:{running.http.port}/"
+        log.info("page", extra={"fields": {"url": url}})
     await stopping.wait()
     log.info(
         "draining",

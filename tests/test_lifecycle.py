@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 import urllib.request
 
 import grpc
@@ -190,3 +191,15 @@ def test_a_corrupt_model_is_the_only_line_even_with_metrics_on(processes, tmp_pa
     server = processes("--model", str(path), "--metrics-port", "0")
     code, log = server.finish()
     assert code == 1 and log.count("\n") == 1 and "not starting" in log, log
+
+
+def test_the_page_url_is_printed_at_start(processes, tiny_model_path):
+    server = processes("--model", str(tiny_model_path), "--http-port", "0")
+    server.wait_serving()
+    port = server.http_port()
+    deadline = time.monotonic() + 10
+    while f"page url=http://127.0.0.1:{port}/" not in "".join(server.log):
+        assert time.monotonic() < deadline, "".join(server.log)
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.finish()[0] == 0
