@@ -23,6 +23,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digit_recognizer.client.errors import DigitClientError, InvalidInput, from_rpc_error
+
+try:  # optional: with it, calls carry the caller's trace context
+    from opentelemetry import propagate as _propagate
+except ImportError:  # pragma: no cover - the base install does not include it
+    _propagate = None  # type: ignore[assignment]
 from digit_recognizer.client.images import ImageSource, to_mnist
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
@@ -243,9 +248,19 @@ class _Base:
         self.model = model  # "" = the server's default model
         self.model_version = model_version  # "" = its latest served version
         self._credentials = credentials or Credentials()
-        self._metadata = _metadata(self._credentials, metadata)
+        self._fixed_metadata = _metadata(self._credentials, metadata)
         self._options = _channel_options(options)
         self._chunk: int | None = None
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call's metadata, with the caller's trace context (W3C traceparent) when
+        OpenTelemetry is installed and a span is current: the server continues the trace."""
+        if _propagate is None:
+            return self._fixed_metadata
+        carrier: dict[str, str] = {}
+        _propagate.inject(carrier)
+        return (*self._fixed_metadata, *carrier.items()) if carrier else self._fixed_metadata
 
     def _error(self, error: grpc.RpcError) -> DigitClientError:
         return from_rpc_error(error, self.target)

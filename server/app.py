@@ -27,6 +27,7 @@ from digit_recognizer.server.oip import InferenceService
 from digit_recognizer.server.repository import ModelRepository
 from digit_recognizer.server.service import SERVICE_NAME, DigitClassifierService
 from digit_recognizer.server.supervisor import supervise
+from digit_recognizer.server.tracing import Tracing
 
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -76,6 +77,7 @@ class RunningServer:
         if self.http is not None:
             await self.http.stop()
         await self.plane.close()
+        self.plane.tracing.shutdown()  # what is still batched goes out now
         return unfinished
 
 
@@ -84,6 +86,7 @@ async def start_server(
 ) -> RunningServer:
     """Load the repository (`model`: an already-loaded --model FILE), bind, then SERVING."""
     plane = DataPlane(config.request_limits, config.batcher_limits)
+    plane.tracing = Tracing.from_environment()
     repository = ModelRepository(
         plane,
         config.model_repository or config.model,

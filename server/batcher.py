@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -89,11 +90,13 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class BatchEvent:
-    """Reported to the observer after every model run (metrics)."""
+    """Reported to the observer after every model run (metrics, traces)."""
 
     size: int
     compute_us: int
     failed: bool
+    started_s: float = 0.0  # on the batcher's clock
+    callers: tuple[Any, ...] = ()  # the `trace` each served caller submitted with
 
 
 class RunPolicy:
@@ -136,6 +139,7 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     deadline: float | None  # loop.time() seconds
     enqueued: float
+    trace: Any = None  # opaque to the batcher: handed to the observer with each run
     taken: int = 0  # images handed to batches so far
     parts: list[np.ndarray] = field(default_factory=list)
     first_run: float | None = None
@@ -194,8 +198,11 @@ class Batcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def submit(self, images: np.ndarray, deadline: float | None = None) -> BatchResult:
-        """Queue `images` (N, ...) and wait for their outputs. `deadline` is in loop.time()."""
+    async def submit(
+        self, images: np.ndarray, deadline: float | None = None, trace: Any = None
+    ) -> BatchResult:
+        """Queue `images` (N, ...) and wait for their outputs. `deadline` is in loop.time();
+        `trace` is passed back in the BatchEvent of every run that computes them."""
         if not self._accepting:
             raise NotServing("the server is shutting down and accepts no new requests")
         n = len(images)
@@ -210,12 +217,13 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = _clock()
-        pending = _Pending(images, loop.create_future(), deadline, now)
+        pending = _Pending(images, loop.create_future(), deadline, now, trace)
         if self._can_run_now(n, deadline, now):
             # Done before the await below, which then returns without a task switch.
             pending.taken = n
             segments = [(pending, 0, n)]
-            self._finish(segments, *self._start(segments, now), _timed(self._predict, images))
+            run = self._start(segments, now)
+            self._finish(segments, now, *run, _timed(self._predict, images))
             return await pending.future
         self._queue.append(pending)
         self._queued_images += n
@@ -314,7 +322,8 @@ class Batcher:
     async def _execute(
         self, segments: list[tuple[_Pending, int, int]], loop: asyncio.AbstractEventLoop
     ) -> None:
-        predict, version, batch = self._start(segments, _clock())
+        started = _clock()
+        predict, version, batch = self._start(segments, started)
         self._running = True
         try:
             if self._policy.inline(len(batch)):
@@ -323,7 +332,7 @@ class Batcher:
                 run = await loop.run_in_executor(self._executor, _timed, predict, batch)
         finally:
             self._running = False
-        self._finish(segments, predict, version, batch, run)
+        self._finish(segments, started, predict, version, batch, run)
 
     def _start(
         self, segments: list[tuple[_Pending, int, int]], started: float
@@ -339,13 +348,16 @@ class Batcher:
     def _finish(
         self,
         segments: list[tuple[_Pending, int, int]],
+        started: float,
         predict: Predict,
         version: str,
         batch: np.ndarray,
         run: _Run,
     ) -> None:
         """Hand every caller in the run its rows, or the run's failure."""
-        self._on_batch(BatchEvent(len(batch), _us(run.seconds), failed=run.error is not None))
+        callers = tuple(pending.trace for pending, _, _ in segments)
+        failed = run.error is not None
+        self._on_batch(BatchEvent(len(batch), _us(run.seconds), failed, started, callers))
         if run.outputs is None:
             log.error("model run on a batch of %d images failed", len(batch), exc_info=run.error)
             # The cause goes to the log, not to callers: it may hold paths or internals.

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -28,11 +28,11 @@ from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, BatchResult
 from digit_recognizer.server.errors import ModelNotFound, ServingError, Status, to_status
 from digit_recognizer.server.inference import Model
+from digit_recognizer.server.tracing import Carrier, Tracing
 
 log = logging.getLogger(__name__)
 DRAIN_QUIET_S = 0.25  # no call for this long: the clients have moved to other replicas
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -50,6 +50,7 @@ class ServedVersion:
         self.version = version
         self.model = model
         self.series = metrics.VersionSeries.of(name, version)
+        self.tracing = Tracing()  # the data plane's, once it serves this version
         self.batcher = Batcher(
             model.predict,
             limits,
@@ -78,6 +79,8 @@ class ServedVersion:
         self.series.queue_depth.set(self.batcher.queued_images)  # sampled at every model run
         if event.failed:
             self.series.failed_batches.inc()
+        if self.tracing.enabled:
+            self.tracing.batch(event.started_s, event.compute_us / 1e6, event.size, event.callers)
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,11 @@ class CallFailed(Exception):
 class Call:
     """One call in progress: which version served it, for its metrics' labels."""
 
-    __slots__ = ("served",)
+    __slots__ = ("served", "span")
 
     def __init__(self) -> None:
         self.served: ServedVersion | None = None
+        self.span: Any = None  # its trace span, when tracing is on
 
 
 class DataPlane:
@@ -110,6 +114,7 @@ class DataPlane:
         self.limits = limits
         self.batcher_limits = batcher_limits
         self.default_model = ""
+        self.tracing = Tracing()  # off; app.py turns it on from the OTEL_* environment
         self._models: dict[str, dict[str, ServedVersion]] = {}
         self._latest: dict[str, ServedVersion] = {}
         self._unavailable: dict[tuple[str, str], str] = {}
@@ -128,6 +133,7 @@ class DataPlane:
         replaced = versions.get(served.version)
         versions[served.version] = served
         self._unavailable.pop(served.key, None)
+        served.tracing = self.tracing
         served.batcher.start()
         self._model_info(served, 1)
         self._update_latest(served.name)
@@ -210,27 +216,29 @@ class DataPlane:
     async def observed(
         self,
         method: str,
-        work: Callable[Concatenate[Call, P], Awaitable[T]],
-        *args: P.args,
-        **kwargs: P.kwargs,
+        work: Callable[..., Awaitable[T]],
+        *args: Any,
+        carrier: Carrier = None,
     ) -> T:
-        """Run `work(call, ...)` as one call of `method`: timed, counted by status code and
-        served version; any failure becomes CallFailed carrying its Status."""
+        """Run `work(call, *args)` as one call of `method`: timed, counted by status code and
+        served version, traced (continuing the trace context in `carrier`: gRPC metadata or
+        HTTP headers, read only when tracing is on); any failure becomes CallFailed."""
         started = time.perf_counter()
         self._last_arrival = started
         call = Call()
-        try:
-            value = await work(call, *args, **kwargs)
-        except Exception as exc:
-            status = to_status(exc)
-            if not isinstance(exc, ServingError):  # a bug: the details go to the log only
-                log.error("%s failed", method, exc_info=exc)
-            elif status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and call.served is not None:
-                call.served.series.rejected.inc()
-            self._record(method, status.code, call, started)
-            raise CallFailed(status) from None
-        self._record(method, grpc.StatusCode.OK, call, started)
-        return value
+        with self.tracing.call(method, carrier) as call.span:
+            try:
+                value = await work(call, *args)
+            except Exception as exc:
+                status = to_status(exc)
+                if not isinstance(exc, ServingError):  # a bug: the details go to the log only
+                    log.error("%s failed", method, exc_info=exc)
+                elif status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and call.served:
+                    call.served.series.rejected.inc()
+                self._record(method, status.code, call, started)
+                raise CallFailed(status) from None
+            self._record(method, grpc.StatusCode.OK, call, started)
+            return value
 
     def choose(self, call: Call, model: str = "", version: str = "") -> ServedVersion:
         """The version that will compute this call (drawing no distinction while draining)."""
@@ -242,12 +250,14 @@ class DataPlane:
     ) -> BatchResult:
         """Validated (N, 784) pixels through `served`'s batcher within `remaining` seconds
         (None: no deadline)."""
-        deadline = None if remaining is None else time.monotonic() + remaining
+        arrived = time.monotonic()
+        deadline = None if remaining is None else arrived + remaining
+        span = self.tracing.current_span()
         self._active += 1
         self._idle.clear()
         metrics.IN_FLIGHT.inc()
         try:
-            result = await served.batcher.submit(pixels, deadline)
+            result = await served.batcher.submit(pixels, deadline, span and span.get_span_context())
         finally:
             metrics.IN_FLIGHT.dec()
             self._active -= 1
@@ -255,6 +265,8 @@ class DataPlane:
                 self._idle.set()
         served.series.images.inc(len(pixels))
         served.series.queue_wait.observe(result.queue_us / 1e6)
+        if span is not None:
+            self.tracing.stages(span, arrived, result.queue_us, result.compute_us)
         return result
 
     # Draining and shutdown.
@@ -323,11 +335,12 @@ class DataPlane:
 
     def _record(self, method: str, code: grpc.StatusCode, call: Call, started: float) -> None:
         served = call.served
-        count, latency = metrics.request_series(
-            method, code.name, served.name if served else "", served.version if served else ""
-        )
+        model, version = (served.name, served.version) if served else ("", "")
+        count, latency = metrics.request_series(method, code.name, model, version)
         count.inc()
         latency.observe(time.perf_counter() - started)
+        if call.span is not None:
+            self.tracing.finish_call(call.span, model, version, code.name)
 
     def _not_found(self, model: str, version: str) -> ModelNotFound:
         served = "; ".join(

@@ -94,7 +94,7 @@ class _Routes:
 
         async def handle(request: web.Request) -> web.Response:
             try:
-                body = await self._plane.observed(method, route, request)
+                body = await self._plane.observed(method, route, request, carrier=request.headers)
             except CallFailed as failed:
                 status = failed.status
                 return web.json_response(

@@ -17,6 +17,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             **getattr(record, "fields", {}),
         }
+        entry.update(_trace_ids())
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -42,3 +43,19 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def _trace_ids() -> dict[str, str]:
+    """The trace and span of the call being handled, when tracing is on and one is."""
+    if _trace is None:
+        return {}
+    context = _trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
+try:  # optional: the [server] extra installs it; logs work without it
+    from opentelemetry import trace as _trace
+except ImportError:  # pragma: no cover
+    _trace = None  # type: ignore[assignment]

@@ -83,7 +83,7 @@ async def answer(
 ) -> T:
     """`work(call, *args)` as one observed call; a failure aborts with its status."""
     try:
-        return await plane.observed(method, work, *args)
+        return await plane.observed(method, work, *args, carrier=context.invocation_metadata)
     except CallFailed as failed:
         await abort(context, failed)
         raise  # abort raised already; this keeps type checkers informed

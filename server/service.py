@@ -98,7 +98,11 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
     ) -> digits_pb2.ClassifyStreamResponse:
         try:
             response = await self._plane.observed(
-                "ClassifyStream", self._classify, request, context.time_remaining()
+                "ClassifyStream",
+                self._classify,
+                request,
+                context.time_remaining(),
+                carrier=context.invocation_metadata,
             )
         except CallFailed as failed:
             status = failed.status
