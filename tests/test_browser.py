@@ -73,3 +73,30 @@ def test_uploading_a_photo(browser, page_url):
     page.locator("#file").set_input_files(str(EXAMPLES / "photo-4-label4-jpeg.jpg"))
     playwright.expect(page.get_by_test_id("answer")).to_have_text("4", timeout=10_000)
     page.close()
+
+
+def test_clear_leaves_nothing_and_a_failed_upload_shows_only_its_error(browser, page_url, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    page.goto(page_url)
+    draw(page, SEVEN)
+    answer = page.get_by_test_id("answer")
+    playwright.expect(answer).to_have_text("7", timeout=10_000)
+    inked = (
+        "() => Array.from(document.getElementById('seen').getContext('2d')"
+        ".getImageData(0, 0, 28, 28).data).some((v, i) => i % 4 === 3 ? false : v > 0)"
+    )
+    assert page.evaluate(inked)  # the 28x28 the model saw
+    page.get_by_role("button", name="Clear").click()
+    page.wait_for_timeout(500)  # a reply still on its way must not repaint
+    playwright.expect(answer).to_have_text("?")
+    assert page.locator(".bar").count() == 0 and not page.evaluate(inked)
+    draw(page, SEVEN)
+    playwright.expect(answer).to_have_text("7", timeout=10_000)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    page.locator("#file").set_input_files(str(broken))
+    playwright.expect(page.locator("#status")).to_contain_text("not an image", timeout=10_000)
+    playwright.expect(answer).to_have_text("?")
+    assert page.locator(".bar").count() == 0
+    assert page.request.get(page_url + "favicon.ico").status == 200
+    page.close()
