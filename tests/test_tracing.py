@@ -93,3 +93,19 @@ def _check(collector: Collector) -> None:
     ]
     assert len(runs) == 1
     assert {a.key: a.value.int_value for a in runs[0].attributes}["digits.batch_size"] == 1
+
+
+def test_json_log_lines_carry_the_current_trace_and_span():
+    import json
+    import logging
+
+    from digit_recognizer.server.logs import JsonFormatter
+
+    record = logging.LogRecord("digits", logging.ERROR, __file__, 1, "model run failed", (), None)
+    outside = json.loads(JsonFormatter().format(record))
+    assert "trace_id" not in outside and outside["time"].count(".") == 1  # milliseconds
+    with TracerProvider().get_tracer("t").start_as_current_span("Classify") as span:
+        inside = json.loads(JsonFormatter().format(record))
+    context = span.get_span_context()
+    assert inside["trace_id"] == f"{context.trace_id:032x}"
+    assert inside["span_id"] == f"{context.span_id:016x}"
