@@ -32,6 +32,7 @@ class ServerConfig:
     max_images_per_request: int = 1024
     intra_op_threads: int = 0
     spin_wait: bool = False
+    allow_tf32: bool = False  # CUDA only: faster, but outputs differ from the CPU's by ~1e-3
     workers: int = 1
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"  # unauthenticated: loopback unless asked (containers do)
@@ -61,7 +62,9 @@ class ServerConfig:
 
     @property
     def inference(self) -> InferenceOptions:
-        return InferenceOptions(self.provider, self.intra_op_threads, self.spin_wait)
+        return InferenceOptions(
+            self.provider, self.intra_op_threads, self.spin_wait, self.allow_tf32
+        )
 
     @property
     def request_limits(self) -> RequestLimits:

@@ -468,3 +468,11 @@ async def test_a_stream_reads_at_most_its_window_ahead_of_its_replies(
         model.gate.set()
         replies = [reply async for reply in call]
     assert sorted(int(r.request_id) for r in replies) == list(range(3 * STREAM_WINDOW))
+
+
+def test_cuda_runs_in_full_float32_unless_tf32_is_allowed():
+    from digit_recognizer.server.inference import CPU, CUDA, provider_options
+
+    assert provider_options(CUDA, InferenceOptions()) == {"use_tf32": "0"}
+    assert provider_options(CUDA, InferenceOptions(allow_tf32=True)) == {"use_tf32": "1"}
+    assert provider_options(CPU, InferenceOptions(allow_tf32=True)) == {}
