@@ -158,6 +158,9 @@ class ModelRepository:
             wanted = {found.path for found in self._wanted()}
             for path in [p for p in self._loaded if p not in wanted]:
                 self._unload(path)
+            for path in [p for p in self._refused if _signature(p) is None]:
+                del self._refused[path]  # a refused version removed: no longer listed
+                self._plane.forget_unavailable(path.parent.parent.name, path.parent.name)
 
     async def _watch(self) -> None:
         while True:

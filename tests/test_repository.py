@@ -104,6 +104,11 @@ async def test_latest_moves_forward_and_never_to_a_version_that_fails(tmp_path):
     assert "not a loadable ONNX model" in states[("11", "UNAVAILABLE")]
     assert "labels" in states[("12", "UNAVAILABLE")]
     assert plane.statuses(ready_only=True)[0].version == "10"
+    withdraw(tmp_path, "digits", 11)
+    await repo.poll()
+    assert [(s.version, s.state) for s in plane.statuses()] == [
+        ("10", "READY"), ("12", "UNAVAILABLE"),
+    ]  # fmt: skip
     await plane.close()
 
 
