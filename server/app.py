@@ -87,6 +87,16 @@ async def start_server(
     """Load the repository (`model`: an already-loaded --model FILE), bind, then SERVING."""
     plane = DataPlane(config.request_limits, config.batcher_limits)
     plane.tracing = Tracing.from_environment()
+    try:
+        return await _start(config, plane, model, reuse_port)
+    except Exception:  # what was loaded is let go, whatever stopped the start
+        await plane.close()
+        raise
+
+
+async def _start(
+    config: ServerConfig, plane: DataPlane, model: Model | None, reuse_port: bool
+) -> RunningServer:
     repository = ModelRepository(
         plane,
         config.model_repository or config.model,
@@ -96,15 +106,10 @@ async def start_server(
         batcher_limits=config.batcher_limits,
         interval_s=config.reload_interval_s,
     )
-    try:
-        await repository.load(model)
-    except ModelError:
-        await plane.close()
-        raise
+    await repository.load(model)
     names = sorted({served.name for served in plane.served()})
     plane.default_model = config.default_model or names[0]
     if plane.default_model not in names:
-        await plane.close()
         raise StartupError(
             f"--default-model {config.default_model!r} is not served; the repository serves "
             + ", ".join(names)
@@ -137,7 +142,6 @@ async def start_server(
             else server.add_insecure_port(config.address)
         )
     except RuntimeError as exc:
-        await plane.close()
         raise StartupError(f"cannot listen on {config.address} ({exc})") from None
     http = None
     if config.http_port is not None:  # bound before anything reports SERVING
@@ -150,7 +154,6 @@ async def start_server(
         try:
             await http.start()
         except OSError as exc:
-            await plane.close()
             raise StartupError(f"cannot serve HTTP on port {config.http_port} ({exc})") from None
     await server.start()
     for name in ("", SERVICE_NAME):
@@ -170,7 +173,7 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
     except (ModelError, StartupError) as exc:
         log.error("not starting: %s", exc)
         return 1
-    if config.metrics_port is not None and config.workers == 1 and not reuse_port:
+    if config.metrics_port is not None:  # None for --workers' processes: the supervisor serves
         try:  # only now: a server that cannot start logs one line, not a metrics line first
             start_metrics(config)
         except StartupError as exc:

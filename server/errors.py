@@ -81,6 +81,12 @@ class Status:
 INTERNAL_MESSAGE = "internal error while classifying; the server logged the details"
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line for a message or a log: never a traceback."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 def _printable(text: str) -> str:
     """Messages may quote caller input; a lone surrogate in it must not break protobuf."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -29,7 +29,7 @@ from digit_recognizer.client.images import to_mnist
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import openinference as oi
 from digit_recognizer.server.dataplane import Call, CallFailed, DataPlane
-from digit_recognizer.server.errors import InvalidInput, Overloaded
+from digit_recognizer.server.errors import InvalidInput, Overloaded, first_line
 from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_http
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Applica
     )
     app[_MAX_BODY] = max_size
     app.on_response_prepare.append(_server_header)
-    routes = _Routes(plane, max_size)
+    routes = _Routes(plane)
     app.router.add_get("/", routes.page)
     app.router.add_get("/favicon.ico", routes.icon)
     app.router.add_get("/v2/health/live", routes.live)
@@ -84,9 +84,8 @@ Route = Callable[[Call, web.Request], Awaitable[dict[str, Any] | list[Any]]]
 
 
 class _Routes:
-    def __init__(self, plane: DataPlane, max_body: int) -> None:
+    def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
-        self._max_body = max_body
         self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
 
     def observed(self, method: str, route: Route) -> Callable[[web.Request], Awaitable[Any]]:
@@ -225,7 +224,8 @@ class _Routes:
         except TimeoutError:
             raise InvalidInput(f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
         except web.HTTPRequestEntityTooLarge:
-            raise InvalidInput(f"the body is larger than {self._max_body} bytes") from None
+            limit = request.app[_MAX_BODY]
+            raise InvalidInput(f"the body is larger than {limit} bytes") from None
         except (RequestPayloadError, ConnectionError) as exc:
             raise InvalidInput(f"the body was cut off ({exc})") from None
         except RecursionError:
@@ -233,7 +233,7 @@ class _Routes:
         except LookupError as exc:  # an unknown charset
             raise InvalidInput(f"the body's charset is unknown ({exc})") from None
         except ValueError as exc:  # not JSON, not UTF-8, an integer of thousands of digits
-            raise InvalidInput(f"the body is not JSON ({_first_line(exc)})") from None
+            raise InvalidInput(f"the body is not JSON ({first_line(exc, 200)})") from None
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
         return body
@@ -257,10 +257,6 @@ def _numbers(name: str, data: Any) -> np.ndarray:
     if array.dtype.kind not in "iuf" or (array.size == 0 and data not in ([], ())):
         raise InvalidInput(f"input {name!r}: data must be a (nested) list of numbers")
     return array.astype(np.float32).ravel()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -388,7 +384,7 @@ async def _read_upload(request: web.Request) -> tuple[str, bytes]:
         raise InvalidInput(f"the upload was cut off ({exc})") from None
     except (ValueError, LookupError, AssertionError, RuntimeError) as exc:
         # aiohttp's multipart reader: no boundary, not multipart, unterminated, absurd boundary
-        raise InvalidInput(f"cannot read the upload as a form ({_first_line(exc)})") from None
+        raise InvalidInput(f"cannot read the upload as a form ({first_line(exc, 200)})") from None
     if not data:
         raise InvalidInput("no picture received: POST an image file (multipart or raw body)")
     return name, bytes(data)

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE, CardError, ModelCard
-from digit_recognizer.server.errors import ModelError
+from digit_recognizer.server.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def load_model(path: Path, options: InferenceOptions) -> Model:
             raise
         except Exception as exc:
             if options.provider == "auto" and provider == CUDA:
-                log.warning("CUDA provider failed (%s); using the CPU", _first_line(exc))
+                log.warning("CUDA provider failed (%s); using the CPU", first_line(exc))
                 continue
-            raise ModelError(f"{path}: cannot load with {provider} ({_first_line(exc)})") from None
+            raise ModelError(f"{path}: cannot load with {provider} ({first_line(exc)})") from None
         return model
     raise AssertionError("the CPU provider is always a candidate")  # pragma: no cover
 
@@ -117,7 +117,7 @@ def _open(path: Path, data: bytes, provider: str, options: InferenceOptions) -> 
     except Exception as exc:
         if provider == CUDA:
             raise
-        raise ModelError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
     if session.get_providers()[0] != provider:
         # onnxruntime silently falls back to the CPU when CUDA cannot start: never serve that
         # under a `cuda` label.
@@ -161,14 +161,9 @@ def _warm_up(model: Model) -> None:
     try:
         probabilities = model.predict(np.zeros((2, PIXELS_PER_IMAGE), np.float32))
     except Exception as exc:
-        raise ModelError(f"{model.path}: warm-up inference failed ({_first_line(exc)})") from None
+        raise ModelError(f"{model.path}: warm-up inference failed ({first_line(exc)})") from None
     if probabilities.shape != (2, model.num_classes) or not np.isfinite(probabilities).all():
         raise ModelError(
             f"{model.path}: warm-up inference returned {probabilities.shape} "
             f"(expected (2, {model.num_classes}) finite values)"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

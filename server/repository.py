@@ -144,19 +144,21 @@ class ModelRepository:
         # Every pass loads or refuses at least one file, and refused ones leave the wanted
         # list (with `latest`, the next lower version is wanted instead); the cap only matters
         # for files rewritten faster than they load, which the next poll picks up.
+        wanted = self._wanted()
         for _ in range(_MAX_PASSES):
             changed = [
                 found
-                for found in self._wanted()
+                for found in wanted
                 if (loaded := self._loaded.get(found.path)) is None or loaded[0] != found.signature
             ]
             if not changed:
                 break
             for found in changed:
                 await self._load(found)
+            wanted = self._wanted()
         if self._is_directory:  # a vanished --model FILE is mid-replacement: keep serving it
-            wanted = {found.path for found in self._wanted()}
-            for path in [p for p in self._loaded if p not in wanted]:
+            kept = {found.path for found in wanted}
+            for path in [p for p in self._loaded if p not in kept]:
                 self._unload(path)
             for path in [p for p in self._refused if _signature(p) is None]:
                 del self._refused[path]  # a refused version removed: no longer listed
