@@ -23,6 +23,7 @@ from digit_recognizer.server.inference import InferenceOptions
 from digit_recognizer.server.repository import ModelRepository, VersionPolicy
 
 from onnx_models import CARD, one_hot_image, tiny_model
+from waiting import until
 
 
 def publish(root: Path, name: str, version: int, model=None, shift: int = 0) -> Path:
@@ -228,22 +229,15 @@ async def test_a_repository_served_through_every_front_while_versions_come_and_g
                 except Exception as exc:
                     failures.append(exc)
 
-        async def wait_until(condition, what: str) -> None:
-            for _ in range(1000):  # bounded: 10 s
-                if condition():
-                    return
-                await asyncio.sleep(0.01)
-            raise AssertionError(f"timed out waiting for {what}")
-
         async def listed_versions() -> list[tuple[str, str]]:
             reply = await digits.ListModels(digits_pb2.ListModelsRequest())
             return [(m.version, m.state) for m in reply.models if m.model == "digits"]
 
         callers = [asyncio.ensure_future(caller(d)) for d in range(6)]
         callers += [asyncio.ensure_future(caller(d, model_version="2")) for d in (1, 7)]
-        await wait_until(lambda: len(versions) > 50, "load")
+        await until(lambda: len(versions) > 50, "load")
         publish(root, "digits", 3)
-        await wait_until(lambda: versions[-1] == "3" or "3" in versions[-8:], "version 3")
+        await until(lambda: versions[-1] == "3" or "3" in versions[-8:], "version 3")
         withdraw(root, "digits", 1)
         publish(root, "digits", 4, model=b"\x00corrupt" * 50)
         for _ in range(500):  # bounded: 5 s
@@ -254,7 +248,7 @@ async def test_a_repository_served_through_every_front_while_versions_come_and_g
             ("2", "READY"), ("3", "READY"), ("4", "UNAVAILABLE"),
         ]  # fmt: skip
         served_so_far = len(versions)
-        await wait_until(lambda: len(versions) > served_so_far + 50, "more load")
+        await until(lambda: len(versions) > served_so_far + 50, "more load")
         stop.set()
         await asyncio.gather(*callers)
         with pytest.raises(grpc.aio.AioRpcError) as error:

@@ -19,6 +19,7 @@ from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 
 from onnx_models import one_hot_image, save, slow_model
 from processes import ServerProcess
+from waiting import until
 
 CALLERS = 16
 PLAIN_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})  # no retry policy
@@ -58,13 +59,6 @@ class Load:
         self._stop.set()
         await asyncio.gather(*self._tasks)
         return self.outcomes
-
-
-async def until(condition, what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def start(processes, model, *args: str) -> tuple[ServerProcess, int]:
@@ -112,6 +106,8 @@ async def test_rolling_restart_under_load_fails_no_call_for_a_plain_round_robin_
             await until(
                 lambda other=other, before=before: served_calls(other) > before,
                 "the other replica in use",
+                timeout_s=20,
+                blocking=True,
             )
             await asyncio.sleep(2)
             server.proc.send_signal(signal.SIGTERM)
@@ -143,6 +139,8 @@ async def test_rolling_restart_under_continuous_load_fails_no_call_for_digit_cli
             await until(
                 lambda other=other, before=before: served_calls(other) > before + 100,
                 "the other replica in use",
+                timeout_s=20,
+                blocking=True,
             )
             started = time.monotonic()
             servers[index] = (await replace(processes, tiny_model_path, server, port), port)

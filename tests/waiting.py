@@ -8,8 +8,12 @@ import time
 from collections.abc import Callable
 
 
-async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+async def until(
+    condition: Callable[[], object], what: str, timeout_s: float = 10.0, blocking: bool = False
+) -> None:
+    """`blocking`: the condition does I/O (asks another process), so it runs in a thread and
+    is asked less often, leaving the event loop to the test's own load."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not (await asyncio.to_thread(condition) if blocking else condition()):
         assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05 if blocking else 0.001)
