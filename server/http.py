@@ -395,7 +395,9 @@ class HttpFront:
 
     def __init__(self, app: web.Application, host: str, port: int, reuse_port: bool) -> None:
         self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-        self._host = host.strip("[]") or "::"
+        # "[::]" (the default) means every interface: None binds IPv4 and IPv6 alike, where
+        # "::" alone is IPv6 only (asyncio sets IPV6_V6ONLY) and 127.0.0.1 is refused.
+        self._host = None if host.strip("[]") in ("", "::") else host.strip("[]")
         self._port = port
         self._reuse_port = reuse_port  # --workers N share the HTTP port like the gRPC one
         self.port = 0

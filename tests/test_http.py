@@ -199,3 +199,10 @@ async def test_the_page_has_an_icon(http):
     icon = await http.get("/favicon.ico")
     assert icon.status == 200 and icon.content_type == "image/svg+xml"
     assert "<svg" in await icon.text()
+
+
+async def test_every_interface_means_ipv4_too(start_server, tiny_model_path):
+    """The default host "[::]": asyncio alone would bind IPv6 only and refuse 127.0.0.1."""
+    server = await start_server(tiny_model_path, host="[::]", http_port=0)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
+        assert (await session.get("/v2/health/live")).status == 200
