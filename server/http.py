@@ -15,6 +15,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -395,19 +396,35 @@ class HttpFront:
 
     def __init__(self, app: web.Application, host: str, port: int, reuse_port: bool) -> None:
         self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-        # "[::]" (the default) means every interface: None binds IPv4 and IPv6 alike, where
-        # "::" alone is IPv6 only (asyncio sets IPV6_V6ONLY) and 127.0.0.1 is refused.
-        self._host = None if host.strip("[]") in ("", "::") else host.strip("[]")
+        self._host = host.strip("[]")
         self._port = port
         self._reuse_port = reuse_port  # --workers N share the HTTP port like the gRPC one
         self.port = 0
 
+    def _listening_socket(self) -> socket.socket:
+        """One socket, so port 0 means one port. "[::]" (the default) means every interface:
+        a dual-stack socket where the kernel has one (asyncio's own "::" is IPv6 only and
+        refuses 127.0.0.1; host None would open one socket per family, each on its own port
+        when the port is 0), else IPv4's 0.0.0.0."""
+        if self._host in ("", "::"):
+            if socket.has_dualstack_ipv6():
+                return socket.create_server(
+                    ("::", self._port),
+                    family=socket.AF_INET6,
+                    dualstack_ipv6=True,
+                    reuse_port=self._reuse_port,
+                )
+            return socket.create_server(("0.0.0.0", self._port), reuse_port=self._reuse_port)
+        family = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server(
+            (self._host, self._port), family=family, reuse_port=self._reuse_port
+        )
+
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=self._reuse_port)
-        await site.start()
-        addresses = self._runner.addresses
-        self.port = addresses[0][1] if addresses else self._port
+        sock = self._listening_socket()
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -204,5 +205,7 @@ async def test_the_page_has_an_icon(http):
 async def test_every_interface_means_ipv4_too(start_server, tiny_model_path):
     """The default host "[::]": asyncio alone would bind IPv6 only and refuse 127.0.0.1."""
     server = await start_server(tiny_model_path, host="[::]", http_port=0)
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as session:
-        assert (await session.get("/v2/health/live")).status == 200
+    loopbacks = ["127.0.0.1"] + (["[::1]"] if socket.has_dualstack_ipv6() else [])
+    for address in loopbacks:  # one port for both families, also when the port was 0
+        async with aiohttp.ClientSession(f"http://{address}:{server.http.port}") as session:
+            assert (await session.get("/v2/health/live")).status == 200, address
