@@ -69,6 +69,7 @@ def own_share(raw: Path, markers: tuple[str, ...] = ("server/", "onnxruntime/"))
     help="written by `python -m bench`",
 )
 @click.option("--concurrency", type=int, default=64, show_default=True)
+@click.option("--images", type=int, default=1, show_default=True, help="images per request")
 @click.option("--seconds", type=float, default=5.0, show_default=True)
 @click.option("--floor", "use_floor", is_flag=True, help="profile the bare grpc.aio floor")
 @click.option(
@@ -78,17 +79,18 @@ def own_share(raw: Path, markers: tuple[str, ...] = ("server/", "onnxruntime/"))
     show_default=True,
 )
 def main(
-    model: Path, samples: Path, concurrency: int, seconds: float, use_floor: bool, out: Path
+    model: Path, samples: Path, concurrency: int, images: int, seconds: float, use_floor: bool,
+    out: Path,
 ) -> None:  # fmt: skip
-    """Profile digit-server (or the floor) under single-image load with py-spy."""
+    """Profile digit-server (or the floor) under Classify load with py-spy."""
     out.mkdir(parents=True, exist_ok=True)
     py_spy = Path(sys.executable).parent / "py-spy"
-    images = np.load(samples)["images"]
+    pictures = np.load(samples)["images"]
     port = servers.free_port()
     server = servers.floor(port) if use_floor else servers.ours("digit-server", model, "", port)
     name = "floor" if use_floor else "digit-server"
-    raw = out / f"profile-{name}-{concurrency}.txt"
-    with servers.running(server, port, out / "logs", images) as running:
+    raw = out / f"profile-{name}-{images}x{concurrency}.txt"
+    with servers.running(server, port, out / "logs", pictures) as running:
         record = [
             str(py_spy), "record", "--pid", str(running.proc.pid), "--gil", "--nonblocking",
             "--rate", "250", "--duration", str(int(seconds)),
@@ -102,12 +104,12 @@ def main(
         timer = threading.Timer(1.5 + 1.0, sample)
         timer.start()
         result = measure(
-            running, Workload("single", "classify", 1, concurrency),
+            running, Workload("single" if images == 1 else "bulk", "classify", images, concurrency),
             samples=samples, clients=2, warmup_s=1.0, duration_s=seconds + 1.0, cores=2,
         )  # fmt: skip
         timer.join()
     click.echo(
-        f"{name}, {concurrency} callers: {result.requests_per_s:,.0f} req/s "
+        f"{name}, {concurrency} callers x {images} images: {result.requests_per_s:,.0f} req/s "
         f"(cpu server {result.server_cpu:.2f}, clients {result.client_cpu:.2f})"
     )
     markers = ("bench/floor.py",) if use_floor else ("server/", "onnxruntime/")

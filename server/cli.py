@@ -7,8 +7,18 @@ from pathlib import Path
 import click
 
 from digit_recognizer.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig
+from digit_recognizer.server.cpus import available_cpus
 
 _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
+
+
+def _workers(value: str | int) -> int:
+    if value == "auto":
+        return available_cpus()
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"must be a whole number or auto, got {value!r}") from None
 
 
 @click.command(
@@ -127,10 +137,12 @@ _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
 )
 @click.option(
     "--workers",
-    type=int,
-    default=_DEFAULTS.workers,
+    default="auto",
+    show_default=True,
     show_envvar=True,
-    help="Server processes sharing the port (SO_REUSEPORT).",
+    callback=lambda _ctx, _param, value: _workers(value),
+    help="Server processes sharing the port (SO_REUSEPORT). auto: one per CPU this process may "
+    "use (its affinity mask, capped by a cgroup CPU quota such as a Kubernetes limit).",
 )
 @click.option(
     "--http-port",

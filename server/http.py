@@ -168,7 +168,7 @@ class _Routes:
         wanted = [str(output.get("name", "")) for output in outputs]
         images = oi.check_request(served, headers, wanted)
         max_images = self._plane.limits.max_images_per_request
-        pixels = oi.to_pixels("inputs[0].data", images, values[0], max_images)
+        pixels = oi.to_pixels("inputs[0].data", images, values[0], max_images, headers[0].datatype)
         result = await self._plane.classify(served, pixels, REQUEST_TIMEOUT_S)
         probabilities = result.outputs
         return {

@@ -19,6 +19,7 @@ from digit_recognizer.server.validation import invalid
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = SERVICE.full_name
 _LITTLE_ENDIAN_F32 = np.dtype("<f4")
+_RAW_DTYPES = {oi.FP32: _LITTLE_ENDIAN_F32, oi.UINT8: np.dtype(np.uint8)}
 _Tensor = inference_pb2.ModelMetadataResponse.TensorMetadata
 
 
@@ -135,18 +136,23 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if request.inputs[0].HasField("contents"):
                 raise invalid("inputs[0].contents", "give raw_input_contents or contents, not both")
             raw = request.raw_input_contents[0]
-            needed = images * PIXELS_PER_IMAGE * 4
+            datatype = headers[0].datatype
+            needed = images * PIXELS_PER_IMAGE * oi.BYTES_PER_VALUE[datatype]
             if len(raw) != needed:
                 raise invalid(
                     "raw_input_contents[0]",
-                    f"shape {list(headers[0].shape)} needs {needed} bytes of FP32, got {len(raw)}",
+                    f"shape {list(headers[0].shape)} needs {needed} bytes of {datatype}, "
+                    f"got {len(raw)}",
                 )
-            values = np.frombuffer(raw, dtype=_LITTLE_ENDIAN_F32).astype(np.float32, copy=False)
+            values = np.frombuffer(raw, dtype=_RAW_DTYPES[datatype])
             field = "raw_input_contents[0]"
+        elif headers[0].datatype == oi.UINT8:  # the protocol carries UINT8 in uint_contents
+            values = np.asarray(request.inputs[0].contents.uint_contents, dtype=np.int64)
+            field = "inputs[0].contents.uint_contents"
         else:
             values = np.asarray(request.inputs[0].contents.fp32_contents, dtype=np.float32)
             field = "inputs[0].contents.fp32_contents"
-        pixels = oi.to_pixels(field, images, values, max_images)
+        pixels = oi.to_pixels(field, images, values, max_images, headers[0].datatype)
         result = await self._plane.classify(served, pixels, remaining)
         probabilities = result.outputs
         return inference_pb2.ModelInferResponse(

@@ -17,6 +17,8 @@ from digit_recognizer.server.validation import invalid, to_images
 
 PLATFORM = "onnxruntime_onnx"
 FP32 = "FP32"
+UINT8 = "UINT8"  # 0-255 pixels, a quarter of the bytes: what 8-bit pictures and IDX files hold
+BYTES_PER_VALUE = {FP32: 4, UINT8: 1}
 SERVER_NAME = "digit-recognizer"
 EXTENSIONS = ("model_repository",)  # Triton's name for the RepositoryIndex extension
 
@@ -67,11 +69,11 @@ def check_request(
             f"[N, {PIXELS_PER_IMAGE}]), got {len(inputs)}",
         )
     tensor = inputs[0]
-    if tensor.name != model.input_name or tensor.datatype != FP32:
+    if tensor.name != model.input_name or tensor.datatype not in BYTES_PER_VALUE:
         raise invalid(
             "inputs[0]",
-            f"expected input {model.input_name!r} of datatype FP32, got {tensor.name!r} "
-            f"{tensor.datatype or '(no datatype)'}",
+            f"expected input {model.input_name!r} of datatype FP32 (0-1) or UINT8 (0-255), got "
+            f"{tensor.name!r} {tensor.datatype or '(no datatype)'}",
         )
     for wanted in outputs:
         if wanted != model.output_name:
@@ -87,12 +89,25 @@ def check_request(
     return shape[0]
 
 
-def to_pixels(field: str, images: int, values: np.ndarray, max_images: int) -> np.ndarray:
-    """Flat float32 values for `images` images -> checked (N, 784) pixels."""
+def to_pixels(
+    field: str, images: int, values: np.ndarray, max_images: int, datatype: str = FP32
+) -> np.ndarray:
+    """Flat values of `datatype` for `images` images -> checked (N, 784) float32 pixels.
+    UINT8 values arrive as uint8 (raw bytes) or as numbers that must be whole and in 0..255."""
     if values.size != images * PIXELS_PER_IMAGE:
         raise invalid(
             field,
             f"shape [{images}, {PIXELS_PER_IMAGE}] needs {images * PIXELS_PER_IMAGE} values, "
             f"got {values.size}",
         )
-    return to_images("inputs[0]", values, max_images, check_range=True)
+    if datatype != UINT8:
+        pixels = values.astype(np.float32, copy=False)  # native order, as the model takes it
+        return to_images("inputs[0]", pixels, max_images, check_range=True)
+    if values.dtype != np.uint8:
+        bad = np.flatnonzero(~((values >= 0) & (values <= 255) & (values == np.round(values))))
+        if bad.size:
+            raise invalid(
+                field, f"UINT8 value {values[bad[0]]} at index {bad[0]} is not a whole 0..255"
+            )
+    scaled = values.astype(np.float32) * np.float32(1 / 255)
+    return to_images("inputs[0]", scaled, max_images, check_range=False)

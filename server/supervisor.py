@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from digit_recognizer.server.config import ServerConfig
+from digit_recognizer.server.cpus import available_cpus
 
 log = logging.getLogger("digit_recognizer.server")
 
@@ -37,7 +38,15 @@ def supervise(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         if config.metrics_port is not None:
             start_metrics(config)
-        worker_config = replace(config, port=port, workers=1, metrics_port=None)
+        # onnxruntime's default is a thread per core in every worker: N workers would run
+        # N x cores threads on large batches. Each gets its share of the cores instead.
+        threads = config.intra_op_threads or max(1, available_cpus() // config.workers)
+        worker_config = replace(
+            config, port=port, workers=1, metrics_port=None, intra_op_threads=threads
+        )
+        log.info(
+            "workers", extra={"fields": {"count": config.workers, "intra_op_threads": threads}}
+        )
         context = multiprocessing.get_context("spawn")
         workers = [
             context.Process(target=run_worker, args=(worker_config,), name=f"worker-{i}")

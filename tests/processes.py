@@ -22,6 +22,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [DIGIT_SERVER, "--host", "127.0.0.1", "--port", "0", *args]
             + ([] if "--metrics-port" in args else ["--no-metrics"])
+            + ([] if "--workers" in args else ["--workers", "1"])  # the default is one per CPU
             + ([] if "--tls-cert" in args else ["--plaintext"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -44,6 +44,14 @@ async def test_v2_rest_health_metadata_and_infer(http):
     (output,) = result["outputs"]
     assert output["shape"] == [2, 10]
     assert np.asarray(output["data"]).reshape(2, 10).argmax(axis=1).tolist() == [2, 7]
+    as_uint8 = {
+        "inputs": [{**body["inputs"][0], "datatype": "UINT8", "data": (images * 255).tolist()}]
+    }
+    reply = await (await http.post("/v2/models/tiny/infer", json=as_uint8)).json()
+    np.testing.assert_allclose(reply["outputs"][0]["data"], output["data"], atol=1e-6)
+    as_uint8["inputs"][0]["data"][0][0] = 0.5
+    reply = await http.post("/v2/models/tiny/infer", json=as_uint8)
+    assert reply.status == 400 and "UINT8 value 0.5 at index 0" in (await reply.json())["error"]
 
 
 @pytest.mark.parametrize(

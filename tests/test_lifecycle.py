@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+from digit_recognizer.server.cpus import available_cpus, cgroup_quota
 
 from onnx_models import one_hot_image, save, slow_model
 from processes import ServerProcess
@@ -203,3 +205,43 @@ def test_the_page_url_is_printed_at_start(processes, tiny_model_path):
         time.sleep(0.01)
     server.proc.send_signal(signal.SIGTERM)
     assert server.finish()[0] == 0
+
+
+def test_workers_auto_is_one_per_usable_cpu_with_its_share_of_threads(processes, tiny_model_path):
+    cpus = available_cpus()
+    server = processes("--model", str(tiny_model_path), "--workers", "auto")
+    port = server.wait_serving(count=cpus)
+    log = "".join(server.log)
+    if cpus > 1:  # one process needs no supervisor; several split the cores for onnxruntime
+        assert f" workers count={cpus} intra_op_threads=1" in log, log
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = digits_pb2_grpc.DigitClassifierStub(channel)
+        request = digits_pb2.ClassifyRequest(pixels=one_hot_image(5).tolist())
+        assert stub.Classify(request, timeout=10).predictions[0].digit == 5
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.finish()[0] == 0
+
+
+def test_workers_must_be_a_number_or_auto(processes, tiny_model_path):
+    code, log = processes("--model", str(tiny_model_path), "--workers", "many").finish()
+    assert code == 2 and "must be a whole number or auto, got 'many'" in log
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_quota(tmp_path) == quota
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
+    assert available_cpus(tmp_path) == expected

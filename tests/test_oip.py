@@ -43,6 +43,38 @@ async def test_model_infer_with_raw_and_typed_contents(v2_stub, raw):
     assert probabilities.argmax(axis=1).tolist() == [3, 1, 4]
 
 
+@pytest.mark.parametrize("raw", [True, False])
+async def test_uint8_pixels_mean_what_float_ones_do(v2_stub, raw):
+    """UINT8 0-255 (a quarter of the bytes) answers exactly what FP32 value/255 answers."""
+    stub, _ = v2_stub
+    rng = np.random.default_rng(0)
+    images = np.stack([one_hot_image(d) for d in (3, 1, 4)]) * 255
+    images = np.maximum(images, rng.integers(0, 40, images.shape)).astype(np.uint8)
+    request = v2.ModelInferRequest(
+        model_name="tiny",
+        inputs=[
+            v2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[3, 784])
+        ],
+    )
+    if raw:
+        request.raw_input_contents.append(images.tobytes())
+    else:
+        request.inputs[0].contents.uint_contents.extend(images.ravel().tolist())
+    as_uint8 = await stub.ModelInfer(request)
+    as_float = await stub.ModelInfer(infer_request(images.astype(np.float32) / 255, raw=True))
+    np.testing.assert_allclose(  # value * (1/255) on the server: within an ulp of value / 255
+        np.frombuffer(as_uint8.raw_output_contents[0], "<f4"),
+        np.frombuffer(as_float.raw_output_contents[0], "<f4"),
+        atol=1e-6,
+    )
+    request.raw_input_contents[:] = []
+    request.inputs[0].contents.uint_contents[:] = [256] * (3 * 784)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UINT8 value 256 at index 0 is not a whole 0..255" in info.value.details()
+
+
 async def test_health_and_metadata(v2_stub):
     stub, _ = v2_stub
     assert (await stub.ServerLive(v2.ServerLiveRequest())).live
@@ -120,7 +152,11 @@ def _short_typed():
             "NOT_FOUND",
             "no model 'x' here",
         ),
-        (_with_input(datatype="INT8"), "INVALID_ARGUMENT", "of datatype FP32, got 'pixels' INT8"),
+        (
+            _with_input(datatype="INT8"),
+            "INVALID_ARGUMENT",
+            "FP32 (0-1) or UINT8 (0-255), got 'pixels' INT8",
+        ),
         (_with_input(name="image"), "INVALID_ARGUMENT", "expected input 'pixels'"),
         (_unknown_output, "INVALID_ARGUMENT", "unknown output 'logits'"),
         (_raw_and_typed, "INVALID_ARGUMENT", "give raw_input_contents or contents, not both"),
