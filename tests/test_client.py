@@ -15,7 +15,7 @@ from PIL import Image
 
 from digit_recognizer.client import client as client_module
 from digit_recognizer.client.cli import main
-from digit_recognizer.client.client import AsyncDigitClient, DigitClient, as_pixels
+from digit_recognizer.client.client import AsyncDigitClient, DigitClient, as_pixels, encode
 from digit_recognizer.client.errors import (
     DeadlineExceeded,
     DigitClientError,
@@ -298,3 +298,19 @@ async def test_the_retry_policy_retries_unavailable_and_never_resource_exhausted
         with pytest.raises(ServerError):
             await client.classify(one_hot_image(4))
     await server.stop(0)
+
+
+def test_cli_sends_pictures_as_uint8(served, monkeypatch):
+    """8-bit pictures go over the wire as pixels_u8: a quarter of float32's bytes."""
+    sent = []
+    real = DigitClient.classify_many
+
+    def spy(self, images, **kwargs):
+        sent.append(encode(as_pixels(images)))
+        return real(self, images, **kwargs)
+
+    monkeypatch.setattr(DigitClient, "classify_many", spy)
+    result = run("classify", "--target", served, str(REPO / "examples" / "mnist-0-label7.png"))
+    assert result.exit_code == 0, result.output
+    (request,) = sent
+    assert len(request.pixels_u8) == 784 and not request.pixels_f32le and not request.pixels
