@@ -22,6 +22,7 @@ from rich.console import Console
 from bench import report, servers
 from bench.measure import Measurement, Workload, measure
 from bench.venvs import VenvError, peer_python
+from digit_recognizer.server.cpus import available_cpus
 from digit_recognizer.server.errors import ModelError
 from digit_recognizer.server.inference import InferenceOptions, Model, load_model
 from digit_recognizer.trainer.data import (
@@ -34,8 +35,16 @@ from digit_recognizer.trainer.data import (
 
 CONCURRENCIES = (1, 16, 64, 256)
 BULK = Workload("bulk", "classify", 256, 4)
+BULK_U8 = Workload("bulk u8", "classify", 256, 4, "u8")
 # This server's Open Inference Protocol front, for the same loads the peers get over it.
-V2 = (Workload("v2", "infer", 1, 64), Workload("v2 bulk", "infer", 256, 4))
+V2 = (
+    Workload("v2", "infer", 1, 64),
+    Workload("v2 bulk", "infer", 256, 4),
+    Workload("v2 bulk u8", "infer", 256, 4, "u8"),
+)
+CPUS = available_cpus()
+# --workers N between one process and the default (one per CPU): the scaling curve.
+SCALING = tuple(n for n in (2, 4, 8, 16, 32, 64) if n < CPUS)
 PEER_REQUIREMENTS = {
     "kserve": ("kserve==0.21.0", "onnxruntime==1.31.1"),
     # uvloop 0.22 crashes MLServer's inference worker (SeldonIO/MLServer#2286).
@@ -58,9 +67,10 @@ def plan(quick: bool) -> list[tuple[str, list[Workload]]]:
     sweep = [single(c) for c in ((1, 64) if quick else CONCURRENCIES)]
     return [
         ("floor", [*sweep, single(64, "stream"), BULK]),
-        ("default", [*sweep, BULK, single(64, "stream"), *V2]),
+        ("default", [*sweep, BULK, BULK_U8, single(64, "stream"), *V2]),
+        ("one-process", [single(1), single(64), BULK]),
         ("batching-off", [single(64), BULK]),
-        ("workers-2", [single(64), BULK]),
+        *[(f"workers-{n}", [single(64), BULK]) for n in SCALING],
         ("kserve", as_v2([*sweep, BULK])),
         ("mlserver", as_v2([*sweep, BULK])),
         ("mlserver-0", as_v2([single(64), BULK])),
@@ -90,12 +100,20 @@ def make_server(key: str, model: Path, name: str, port: int, work: Path) -> serv
     if key == "floor":
         return servers.floor(port)
     if key == "default":
-        return servers.ours("digit-server (default)", model, name, port)
+        label = f"digit-server (default: --workers auto = {CPUS})"
+        return servers.ours(label, model, name, port)
+    if key == "one-process":
+        return servers.ours("digit-server --workers 1", model, name, port, "--workers", "1")
     if key == "batching-off":
-        flags = ("--max-batch-size", "1")
-        return servers.ours("digit-server --max-batch-size 1", model, name, port, *flags)
-    if key == "workers-2":
-        return servers.ours("digit-server --workers 2", model, name, port, "--workers", "2")
+        flags = ("--workers", "1", "--max-batch-size", "1")
+        return servers.ours(
+            "digit-server --workers 1 --max-batch-size 1", model, name, port, *flags
+        )
+    if key.startswith("workers-"):
+        workers = key.split("-")[1]
+        return servers.ours(
+            f"digit-server --workers {workers}", model, name, port, "--workers", workers
+        )
     peer = key.split("-")[0]
     python = peer_python(peer, *PEER_REQUIREMENTS[peer])
     if peer == "kserve":
@@ -139,9 +157,9 @@ def median_run(runs: list[Measurement]) -> dict:
     return {**chosen.as_dict(), "rounds_requests_per_s": [run.requests_per_s for run in runs]}
 
 
-def group(workload: Workload) -> tuple[str, int, int]:
+def group(workload: Workload) -> tuple[str, int, int, str]:
     """Workloads compared with each other, whatever protocol each server speaks."""
-    return (workload.name, workload.images, workload.concurrency)
+    return (workload.name, workload.images, workload.concurrency, workload.encoding)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -221,7 +239,7 @@ def main(
         raise click.ClickException(str(exc)) from None
     samples = samples_file(out, data_dir, loaded)
     images = np.load(samples)["images"]
-    cores = os.cpu_count() or 1
+    cores = CPUS
     results: dict = {
         "machine": machine(),
         "model": {"path": str(model), "name": loaded.card.name, "version": loaded.card.version},
@@ -231,6 +249,7 @@ def main(
         "runs": [],
         "skipped": {},
         "idle_cpu": {},
+        "workers_auto": CPUS,
     }  # fmt: skip
     console.print("[bold]compute ceiling[/]: onnxruntime in-process")
     ceiling = subprocess.run(

@@ -47,6 +47,7 @@ class Load:
     check: bool = True  # parse a sample of replies and compare them with `expected`
     input_name: str = "pixels"
     output_name: str = "probabilities"
+    encoding: str = "f32"  # f32 | u8
 
 
 def sample_images(samples: str, count: int) -> tuple[np.ndarray, list[int]]:
@@ -60,21 +61,27 @@ def sample_images(samples: str, count: int) -> tuple[np.ndarray, list[int]]:
 
 
 def build_request(load: Load, images: np.ndarray) -> bytes:
+    u8 = load.encoding == "u8"  # the samples are MNIST's own 8-bit values / 255: exact
+    raw = np.rint(images * 255).astype(np.uint8).tobytes() if u8 else images.astype("<f4").tobytes()
     if load.call == "infer":
         request = inference_pb2.ModelInferRequest(
             model_name=load.model_name,
             inputs=[
                 inference_pb2.ModelInferRequest.InferInputTensor(
-                    name=load.input_name, datatype="FP32", shape=list(images.shape)
+                    name=load.input_name,
+                    datatype="UINT8" if u8 else "FP32",
+                    shape=list(images.shape),
                 )
             ],
             outputs=[
                 inference_pb2.ModelInferRequest.InferRequestedOutputTensor(name=load.output_name)
             ],
-            raw_input_contents=[images.astype("<f4").tobytes()],
+            raw_input_contents=[raw],
         )
+    elif u8:
+        request = digits_pb2.ClassifyRequest(pixels_u8=raw)
     else:
-        request = digits_pb2.ClassifyRequest(pixels_f32le=images.astype("<f4").tobytes())
+        request = digits_pb2.ClassifyRequest(pixels_f32le=raw)
     return request.SerializeToString()
 
 
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--input-name", default="pixels")
     parser.add_argument("--output-name", default="probabilities")
+    parser.add_argument("--encoding", choices=("f32", "u8"), default="f32")
     args = parser.parse_args(argv)
     load = Load(
         target=args.target,
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         check=args.check,
         input_name=args.input_name,
         output_name=args.output_name,
+        encoding=args.encoding,
     )
     json.dump(asyncio.run(run(load)), sys.stdout)
     sys.stdout.write("\n")

@@ -23,6 +23,7 @@ class Workload:
     call: str  # as bench.load understands it
     images: int  # per request
     concurrency: int  # callers, all processes together
+    encoding: str = "f32"  # pixels as raw float32, or u8 (0-255 bytes, a quarter the size)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def measure(
                 str(samples),
                 "--model-name",
                 server.server.model_name,
+                "--encoding",
+                workload.encoding,
                 *([] if server.server.answers else ["--no-check"]),
             ],
             stdout=subprocess.PIPE,

@@ -87,7 +87,11 @@ def main(
     py_spy = Path(sys.executable).parent / "py-spy"
     pictures = np.load(samples)["images"]
     port = servers.free_port()
-    server = servers.floor(port) if use_floor else servers.ours("digit-server", model, "", port)
+    server = (
+        servers.floor(port)
+        if use_floor
+        else servers.ours("digit-server", model, "", port, "--workers", "1")
+    )
     name = "floor" if use_floor else "digit-server"
     raw = out / f"profile-{name}-{images}x{concurrency}.txt"
     with servers.running(server, port, out / "logs", pictures) as running:

@@ -78,35 +78,49 @@ def test_a_peer_that_cannot_be_installed_is_a_clear_error(tmp_path, monkeypatch)
         peer_python("nothing", "no-such-package-digits-bench==0.0.1", "--no-index")
 
 
-def _run(key: str, workload: str, concurrency: int, rate: float, p99: float = 10.0) -> dict:
+def _run(
+    key: str, workload: str, concurrency: int, rate: float, p99: float = 10.0, limit: str = "server"
+) -> dict:
+    images = 256 if "bulk" in workload else 1
     return {
         "key": key, "server": key, "workload": workload, "concurrency": concurrency,
-        "images": 256 if workload == "bulk" else 1,
-        "requests_per_s": rate, "images_per_s": rate * (256 if workload == "bulk" else 1),
-        "p50_ms": 1.0, "p99_ms": p99,
+        "images": images, "requests_per_s": rate, "images_per_s": rate * images,
+        "p50_ms": 1.0, "p99_ms": p99, "limit": limit,
     }  # fmt: skip
 
 
 def test_targets_compare_within_one_run():
     results = {
         "ceiling": {"best": {"256": {"images_per_s": 100_000.0}, "1024": {"images_per_s": 1e6}}},
+        "workers_auto": 2,
         "runs": [
-            _run("floor", "single", 64, 2000), _run("default", "single", 64, 1900, p99=40),
-            _run("floor", "single", 1, 1000), _run("default", "single", 1, 900),
+            _run("floor", "single", 64, 2000), _run("one-process", "single", 64, 1900),
+            _run("default", "single", 64, 3000, p99=40, limit="cores"),
+            _run("floor", "single", 1, 1000), _run("one-process", "single", 1, 900),
             _run("batching-off", "single", 64, 1500), _run("default", "bulk", 4, 250),
+            _run("default", "bulk u8", 4, 300), _run("default", "v2 bulk", 4, 110),
             _run("kserve", "single", 64, 1000, p99=90), _run("pytriton", "single", 64, 1400),
             _run("kserve", "bulk", 4, 100), _run("default", "stream", 64, 4000),
         ],
     }  # fmt: skip
-    goals = {goal["goal"].split(":")[0]: goal for goal in report.targets(results)}
-    assert goals["single Classify, 64 callers"]["value"] == pytest.approx(0.95)
-    assert goals["single Classify, 64 callers"]["met"]
-    assert goals["idle p50 (1 caller)"]["met"]  # same p50 as the floor
-    assert goals["bulk 256-image raw requests"]["value"] == pytest.approx(0.64)
     by_name = {goal["goal"]: goal for goal in report.targets(results)}
-    best_peer = by_name["64 callers: req/s vs best peer (pytriton)"]
-    assert best_peer["value"] == pytest.approx(1900 / 1400) and not best_peer["met"]
-    assert not by_name["64 callers: p99 ms vs lowest peer p99"]["met"]  # 40 ms vs 10 ms
+    floor = by_name["single Classify, 64 callers, one process: req/s vs floor"]
+    assert floor["value"] == pytest.approx(0.95) and floor["met"]
+    assert by_name["idle p50 (1 caller), one process: ms above the floor's p50"]["met"]
+    assert by_name["bulk 256-image raw requests: images/s vs onnxruntime ceiling"][
+        "value"
+    ] == pytest.approx(0.64)
+    best_peer = by_name["64 callers, default: req/s vs best peer (pytriton)"]
+    assert best_peer["value"] == pytest.approx(3000 / 1400) and best_peer["met"]
+    assert not by_name["64 callers, default: p99 ms vs that peer's p99"]["met"]  # 40 vs 10 ms
+    bulk = by_name["bulk Classify, 256 raw f32: images/s vs best peer's f32 (kserve)"]
+    assert bulk["value"] == pytest.approx(2.5) and bulk["met"]
+    assert not by_name[
+        "bulk ModelInfer (same protocol), 256 raw FP32: images/s vs best peer's f32 (kserve)"
+    ]["met"]  # 1.1
+    scaling = by_name["--workers auto (2) vs one process, 64 callers: speed-up per worker"]
+    assert scaling["value"] == pytest.approx(3000 / 1900 / 2)
+    assert scaling["met"] is None  # every core was busy: the machine, not the server, decided
 
 
 def test_the_median_round_is_reported_with_all_rounds():
@@ -125,7 +139,8 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
         [
             sys.executable, "-m", "bench", "--model", str(trained_model), "--out", str(out),
             "--data-dir", str(mnist_dir), "--quick", "--no-peers", "--only", "floor",
-            "--only", "default", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2",
+            "--only", "default", "--only", "one-process", "--rounds", "1", "--duration", "0.5",
+            "--warmup", "0.2",
         ],
         capture_output=True, text=True, cwd=REPO, timeout=240,
     )  # fmt: skip
@@ -134,7 +149,9 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| goal | measured |" in (out / "bench.md").read_text()
     ours = [r for r in results["runs"] if r["key"] == "default"]
-    assert {r["workload"] for r in ours} == {"single", "bulk", "stream", "v2", "v2 bulk"}
+    assert {r["workload"] for r in ours} == {
+        "single", "bulk", "bulk u8", "stream", "v2", "v2 bulk", "v2 bulk u8"
+    }  # fmt: skip
     for run_result in ours:
         assert run_result["errors"] == {} and run_result["wrong_digits"] == 0, run_result
         assert run_result["checked_replies"] > 0
