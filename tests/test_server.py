@@ -476,3 +476,26 @@ def test_cuda_runs_in_full_float32_unless_tf32_is_allowed():
     assert provider_options(CUDA, InferenceOptions()) == {"use_tf32": "0"}
     assert provider_options(CUDA, InferenceOptions(allow_tf32=True)) == {"use_tf32": "1"}
     assert provider_options(CPU, InferenceOptions(allow_tf32=True)) == {}
+
+
+def test_small_runs_take_a_one_thread_session_with_the_same_answers(tmp_path):
+    from digit_recognizer.server.inference import SMALL_RUN_IMAGES
+
+    path = save(tiny_model(), tmp_path / "tiny.onnx")
+    threaded = load_model(path, InferenceOptions(provider="cpu", intra_op_threads=2))
+    single = load_model(path, InferenceOptions(provider="cpu", intra_op_threads=1))
+    assert threaded.small_session is not None and single.small_session is None
+    small_runs = []
+    real_run = threaded.small_session.run
+
+    class Counting:  # sessions are C++ objects: wrap, do not patch
+        def run(self, *args):
+            small_runs.append(args)
+            return real_run(*args)
+
+    object.__setattr__(threaded, "small_session", Counting())
+    rng = np.random.default_rng(0)
+    for images in (1, SMALL_RUN_IMAGES, SMALL_RUN_IMAGES + 1, 64):
+        pixels = rng.random((images, 784), dtype=np.float32)
+        np.testing.assert_array_equal(threaded.predict(pixels), single.predict(pixels))
+    assert len(small_runs) == 2  # 1 and SMALL_RUN_IMAGES images; the larger runs use threads
