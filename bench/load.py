@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -48,6 +49,9 @@ class Load:
     input_name: str = "pixels"
     output_name: str = "probabilities"
     encoding: str = "f32"  # f32 | u8
+    # TCP connections, callers spread over them. --workers N servers share a port through
+    # SO_REUSEPORT, which spreads connections, not calls: one connection reaches one worker.
+    connections: int = 1
 
 
 def sample_images(samples: str, count: int) -> tuple[np.ndarray, list[int]]:
@@ -135,9 +139,18 @@ async def run(load: Load) -> dict:
     latencies: list[float] = []
     samples: list[bytes] = []
     errors: dict[str, int] = {}
-    async with grpc.aio.insecure_channel(load.target, options=options) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        callers = [open_caller(load, channel, request) for _ in range(load.concurrency)]
+    if load.connections > 1:  # each channel its own TCP connection, not a shared subchannel
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(load.target, options=options))
+            for _ in range(max(1, min(load.connections, load.concurrency)))
+        ]
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        callers = [
+            open_caller(load, channels[i % len(channels)], request) for i in range(load.concurrency)
+        ]
         await asyncio.sleep(max(0.0, load.start_at - time.time()))
         measure_from = time.perf_counter() + load.warmup_s
         stop_at = measure_from + load.duration_s
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-name", default="pixels")
     parser.add_argument("--output-name", default="probabilities")
     parser.add_argument("--encoding", choices=("f32", "u8"), default="f32")
+    parser.add_argument("--connections", type=int, default=1, help="TCP connections")
     args = parser.parse_args(argv)
     load = Load(
         target=args.target,
@@ -227,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         input_name=args.input_name,
         output_name=args.output_name,
         encoding=args.encoding,
+        connections=args.connections,
     )
     json.dump(asyncio.run(run(load)), sys.stdout)
     sys.stdout.write("\n")

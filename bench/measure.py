@@ -24,6 +24,7 @@ class Workload:
     images: int  # per request
     concurrency: int  # callers, all processes together
     encoding: str = "f32"  # pixels as raw float32, or u8 (0-255 bytes, a quarter the size)
+    connections: int = 1  # TCP connections per load process
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ def measure(
                 server.server.model_name,
                 "--encoding",
                 workload.encoding,
+                "--connections",
+                str(workload.connections),
                 *([] if server.server.answers else ["--no-check"]),
             ],
             stdout=subprocess.PIPE,
