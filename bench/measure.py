@@ -24,7 +24,9 @@ class Workload:
     images: int  # per request
     concurrency: int  # callers, all processes together
     encoding: str = "f32"  # pixels as raw float32, or u8 (0-255 bytes, a quarter the size)
-    connections: int = 1  # TCP connections per load process
+    # TCP connections per load process: --workers N servers share the port through
+    # SO_REUSEPORT, which spreads connections (not calls) over the workers.
+    connections: int = 2
 
 
 @dataclass(frozen=True)
