@@ -24,6 +24,7 @@ from digit_recognizer.client.errors import (
     Unavailable,
 )
 from digit_recognizer.client.images import to_mnist
+from digit_recognizer.client.reading import ReadDigit, Reading, find_digits
 
 __all__ = [
     "AsyncDigitClient",
@@ -36,9 +37,12 @@ __all__ = [
     "InvalidInput",
     "Overloaded",
     "Prediction",
+    "ReadDigit",
+    "Reading",
     "ServerError",
     "Telemetry",
     "Unauthenticated",
     "Unavailable",
+    "find_digits",
     "to_mnist",
 ]

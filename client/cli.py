@@ -205,6 +205,8 @@ def classify(
 def _format(name: str, prediction: Prediction, as_json: bool) -> str:
     if as_json:
         return json.dumps({"path": name, **prediction.to_dict()})
+    if not prediction.looks_like_a_digit:
+        return f"{name}: not a digit (score {prediction.digit_score:.2f})"
     line = f"{name}: {prediction.label} ({prediction.confidence:.3f})"
     if prediction.top:
         line += "  top: " + ", ".join(f"{c.label} {c.probability:.3f}" for c in prediction.top)

@@ -29,6 +29,7 @@ try:  # optional: with it, calls carry the caller's trace context
 except ImportError:  # pragma: no cover - the base install does not include it
     _propagate = None  # type: ignore[assignment]
 from digit_recognizer.client.images import ImageSource, to_mnist
+from digit_recognizer.client.reading import Piece, Reading, assemble, find_digits
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
 
@@ -82,6 +83,15 @@ class Prediction:
     top: tuple[Candidate, ...]
     model_version: str
     telemetry: Telemetry
+    # Whether the image looks like one digit at all, and the calibrated score behind it;
+    # None when the served model has no not-a-digit detector.
+    is_digit: bool | None = None
+    digit_score: float | None = None
+
+    @property
+    def looks_like_a_digit(self) -> bool:
+        """False only when the model says so: models without a detector never do."""
+        return self.is_digit is not False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +100,8 @@ class Prediction:
             "confidence": round(self.confidence, 6),
             "probabilities": [round(p, 6) for p in self.probabilities],
             **({"top": [c.__dict__ for c in self.top]} if self.top else {}),
+            **({"is_digit": self.is_digit} if self.is_digit is not None else {}),
+            **({"digit_score": round(self.digit_score, 6)} if self.digit_score is not None else {}),
             "model_version": self.model_version,
         }
 
@@ -177,9 +189,16 @@ def decode(reply: digits_pb2.ClassifyResponse) -> list[Prediction]:
             top=tuple(Candidate(c.digit, c.label, c.probability) for c in p.top),
             model_version=reply.model_version,
             telemetry=telemetry,
+            is_digit=p.is_digit if p.HasField("is_digit") else None,
+            digit_score=p.digit_score if p.HasField("digit_score") else None,
         )
         for p in reply.predictions
     ]
+
+
+def _as_u8(pieces: list[Piece]) -> np.ndarray:
+    """Pictures are 8-bit: their pieces go over the wire as uint8 (a quarter of the bytes)."""
+    return np.rint(np.stack([p.pixels for p in pieces]) * 255).astype(np.uint8)
 
 
 def _chunks(pixels: np.ndarray, size: int) -> list[np.ndarray]:
@@ -332,6 +351,14 @@ class DigitClient(_Base):
         """A picture (path, bytes, file object or PIL image), preprocessed like MNIST."""
         return self.classify(to_mnist(source), top_k=top_k)
 
+    def read(self, source: ImageSource) -> Reading:
+        """A picture of a number (a house number, a meter, a year): its digits found left to
+        right, then all classified in one request. `Reading.text` is the number."""
+        pieces = find_digits(source)
+        if not pieces:
+            return Reading(())
+        return assemble(pieces, self.classify_many(_as_u8(pieces)))
+
     def stream(
         self, batches: Iterable[Any], *, top_k: int = 0
     ) -> Iterator[tuple[str, list[Prediction] | DigitClientError]]:
@@ -443,6 +470,13 @@ class AsyncDigitClient(_Base):
     async def classify_image(self, source: ImageSource, *, top_k: int = 0) -> Prediction:
         pixels = await asyncio.to_thread(to_mnist, source)
         return await self.classify(pixels, top_k=top_k)
+
+    async def read(self, source: ImageSource) -> Reading:
+        """A picture of a number: its digits found, then classified in one request."""
+        pieces = await asyncio.to_thread(find_digits, source)
+        if not pieces:
+            return Reading(())
+        return assemble(pieces, await self.classify_many(_as_u8(pieces)))
 
     async def stream(
         self, batches: Iterable[Any] | AsyncIterator[Any], *, top_k: int = 0

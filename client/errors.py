@@ -35,6 +35,10 @@ class ImageError(InvalidInput):
     pass
 
 
+class BlankPicture(ImageError):
+    """The picture holds no ink: blank paper, or too little contrast to tell ink from it."""
+
+
 class Overloaded(DigitClientError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

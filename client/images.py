@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from digit_recognizer.client.errors import ImageError
+from digit_recognizer.client.errors import BlankPicture, ImageError
 from digit_recognizer.protos.contract import IMAGE_SIDE
 
 SIDE = IMAGE_SIDE
@@ -99,6 +99,23 @@ def to_mnist(
     if not _is_mnist_style(gray):
         gray = _frame(_normalise(gray, label), label)
     return np.clip(np.nan_to_num(gray.reshape(SIDE * SIDE)), 0.0, 1.0).astype(np.float32)
+
+
+def to_ink(
+    source: ImageSource, name: str | None = None, max_decoded_bytes: int | None = None
+) -> tuple[np.ndarray, float]:
+    """A picture -> (light ink on a zero background in [0, 1] at the work size, the picture's
+    pixels per ink pixel): what `frame` and the number reader start from. ImageError when
+    the picture is blank."""
+    label = name or _describe(source)
+    picture = load_image(source, label, max_decoded_bytes)
+    image = _shrunk(picture)
+    return _normalise(_to_gray(image), label), picture.width / image.width
+
+
+def frame(ink: np.ndarray, name: str = "<ink>") -> np.ndarray:
+    """Ink (light on zero, any size) -> float32 (784,): MNIST's box fit and centring."""
+    return np.clip(_frame(ink.astype(np.float32), name).reshape(SIDE * SIDE), 0.0, 1.0)
 
 
 def _bytes_per_pixel(mode: str) -> int:
@@ -195,7 +212,7 @@ def _normalise(gray: np.ndarray, label: str) -> np.ndarray:
     background = float(np.median(gray))
     peak = float(np.percentile(gray, 99.9))
     if peak - background < _MIN_CONTRAST:
-        raise ImageError(f"{label}: no digit found (blank picture or too little contrast)")
+        raise BlankPicture(f"{label}: no digit found (blank picture or too little contrast)")
     ink = np.clip((gray - background) / (peak - background), 0.0, 1.0)
     ink = np.clip((ink - _INK_THRESHOLD) / (1.0 - _INK_THRESHOLD), 0.0, 1.0)
     return ink.astype(np.float32)
@@ -239,7 +256,7 @@ def _resize(ink: np.ndarray, width: int, height: int) -> np.ndarray:
 def _frame(ink: np.ndarray, label: str) -> np.ndarray:
     box = _bounding_box(ink)
     if box is None:
-        raise ImageError(f"{label}: no digit found (no ink after cleaning up noise)")
+        raise BlankPicture(f"{label}: no digit found (no ink after cleaning up noise)")
     top, bottom, left, right = box
     crop = ink[top:bottom, left:right]
     height, width = crop.shape

@@ -19,6 +19,9 @@ from typing import Any
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
+# Optional second output: how much each input looks like one digit, calibrated, in [0, 1];
+# the model card's `detector` holds the threshold (models trained before it have neither).
+SCORE_NAME = "digit_score"
 IMAGE_SIDE = 28
 PIXELS_PER_IMAGE = IMAGE_SIDE * IMAGE_SIDE
 PIXEL_RANGE = (0.0, 1.0)
@@ -33,7 +36,8 @@ INPUT_CONTRACT: dict[str, Any] = {
     "background": BACKGROUND,
     "ink": 1.0,
 }
-_JSON_FIELDS = {"labels", "training_config", "input_contract", "library_versions"}
+_JSON_FIELDS = {"labels", "training_config", "input_contract", "library_versions", "detector"}
+_OPTIONAL_FIELDS = {"detector"}  # cards written before it existed stay valid
 _FLOAT_FIELDS = {"test_accuracy", "test_loss"}
 
 
@@ -54,6 +58,13 @@ class ModelCard:
     training_config: dict[str, Any] = field(default_factory=dict)
     library_versions: dict[str, str] = field(default_factory=dict)
     input_contract: dict[str, Any] = field(default_factory=lambda: dict(INPUT_CONTRACT))
+    detector: dict[str, Any] = field(default_factory=dict)  # {} = no not-a-digit detector
+
+    @property
+    def digit_threshold(self) -> float | None:
+        """The digit score from which an input counts as a digit; None without a detector."""
+        threshold = self.detector.get("threshold")
+        return float(threshold) if isinstance(threshold, int | float) else None
 
     def to_metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -66,12 +77,16 @@ class ModelCard:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> ModelCard:
-        missing = [f.name for f in fields(cls) if f.name not in metadata]
+        missing = [
+            f.name for f in fields(cls) if f.name not in metadata and f.name not in _OPTIONAL_FIELDS
+        ]
         if missing:
             raise CardError(f"model card incomplete: missing {', '.join(missing)}")
         values: dict[str, Any] = {}
         try:
             for f in fields(cls):
+                if f.name not in metadata:  # an optional field this card predates
+                    continue
                 raw = metadata[f.name]
                 if f.name in _JSON_FIELDS:
                     values[f.name] = json.loads(raw)
@@ -82,4 +97,6 @@ class ModelCard:
         except ValueError as exc:
             raise CardError(f"model card field {f.name!r} is malformed: {exc}") from None
         values["labels"] = tuple(str(label) for label in values["labels"])
+        if not isinstance(values.get("detector", {}), dict):
+            raise CardError("model card field 'detector' is malformed: not a JSON object")
         return cls(**values)

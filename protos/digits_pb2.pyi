@@ -35,18 +35,22 @@ class Candidate(_message.Message):
     def __init__(self, digit: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("digit", "label", "confidence", "probabilities", "top")
+    __slots__ = ("digit", "label", "confidence", "probabilities", "top", "is_digit", "digit_score")
     DIGIT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    IS_DIGIT_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_SCORE_FIELD_NUMBER: _ClassVar[int]
     digit: int
     label: str
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     top: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, digit: _Optional[int] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    is_digit: bool
+    digit_score: float
+    def __init__(self, digit: _Optional[int] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., is_digit: _Optional[bool] = ..., digit_score: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("batch_size", "batches", "queue_us", "compute_us")

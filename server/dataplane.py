@@ -91,6 +91,27 @@ class VersionStatus:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Classified:
+    """What the model said about each image, and how the call was executed."""
+
+    probabilities: np.ndarray  # (N, classes)
+    digit_scores: np.ndarray | None  # (N,) in [0, 1]; None: the model has no detector
+    is_digit: np.ndarray | None  # (N,) bool, score >= the card's threshold; None: unknown
+    execution: BatchResult  # telemetry: batch size, batches, queue and compute time
+
+    @property
+    def version(self) -> str:
+        return self.execution.version
+
+    @classmethod
+    def of(cls, result: BatchResult, classes: int, threshold: float | None) -> Classified:
+        outputs = result.outputs
+        scores = outputs[:, classes] if outputs.shape[1] > classes else None
+        is_digit = scores >= threshold if scores is not None and threshold is not None else None
+        return cls(outputs[:, :classes], scores, is_digit, result)
+
+
 class CallFailed(Exception):
     """A call ended in an error status; the front sends `status` in its own wire format."""
 
@@ -247,7 +268,7 @@ class DataPlane:
 
     async def classify(
         self, served: ServedVersion, pixels: np.ndarray, remaining: float | None
-    ) -> BatchResult:
+    ) -> Classified:
         """Validated (N, 784) pixels through `served`'s batcher within `remaining` seconds
         (None: no deadline)."""
         arrived = time.monotonic()
@@ -267,7 +288,7 @@ class DataPlane:
         served.series.queue_wait.observe(result.queue_us / 1e6)
         if span is not None:
             self.tracing.stages(span, arrived, result.queue_us, result.compute_us)
-        return result
+        return Classified.of(result, len(served.labels), served.model.card.digit_threshold)
 
     # Draining and shutdown.
 

@@ -29,7 +29,7 @@ from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import openinference as oi
-from digit_recognizer.server.dataplane import Call, CallFailed, DataPlane
+from digit_recognizer.server.dataplane import Call, CallFailed, Classified, DataPlane, ServedVersion
 from digit_recognizer.server.errors import InvalidInput, Overloaded, first_line
 from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_http
 
@@ -170,18 +170,13 @@ class _Routes:
         max_images = self._plane.limits.max_images_per_request
         pixels = oi.to_pixels("inputs[0].data", images, values[0], max_images, headers[0].datatype)
         result = await self._plane.classify(served, pixels, REQUEST_TIMEOUT_S)
-        probabilities = result.outputs
         return {
             "model_name": served.name,
             "model_version": result.version,
             "id": str(body.get("id", "")),
             "outputs": [
-                {
-                    "name": served.model.output_name,
-                    "datatype": oi.FP32,
-                    "shape": list(probabilities.shape),
-                    "data": probabilities.ravel().tolist(),
-                }
+                {**_tensor_json(header), "data": values.ravel().tolist()}
+                for header, values in oi.outputs(served, result, wanted)
             ],
         }
 
@@ -204,16 +199,10 @@ class _Routes:
         result = await self._plane.classify(
             served, pixels.reshape(1, PIXELS_PER_IMAGE), REQUEST_TIMEOUT_S
         )
-        probabilities = result.outputs[0]
-        digit = int(probabilities.argmax())
-        labels = served.labels
         return {
             "name": name,
-            "digit": digit,
-            "label": labels[digit],
-            "confidence": float(probabilities[digit]),
-            "probabilities": [float(p) for p in probabilities],
-            "labels": list(labels),
+            **_prediction_json(served, result, 0),
+            "labels": list(served.labels),
             "model_version": result.version,
             "pixels": [round(float(v), 3) for v in pixels],
         }
@@ -238,6 +227,24 @@ class _Routes:
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
         return body
+
+
+def _prediction_json(served: ServedVersion, result: Classified, row: int) -> dict[str, Any]:
+    """One image's answer as the HTTP routes give it; is_digit and digit_score only when the
+    model has a not-a-digit detector."""
+    probabilities = result.probabilities[row]
+    digit = int(probabilities.argmax())
+    answer: dict[str, Any] = {
+        "digit": digit,
+        "label": served.labels[digit],
+        "confidence": float(probabilities[digit]),
+        "probabilities": [float(p) for p in probabilities],
+    }
+    if result.digit_scores is not None:
+        answer["digit_score"] = float(result.digit_scores[row])
+    if result.is_digit is not None:
+        answer["is_digit"] = bool(result.is_digit[row])
+    return answer
 
 
 def _shape(item: dict[str, Any]) -> tuple[int, ...]:

@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from digit_recognizer.protos.contract import PIXELS_PER_IMAGE, CardError, ModelCard
+from digit_recognizer.protos.contract import (
+    PIXELS_PER_IMAGE,
+    SCORE_NAME,
+    CardError,
+    ModelCard,
+)
 from digit_recognizer.server.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
@@ -51,17 +56,29 @@ class Model:
     # batch 1 30 us of CPU on one thread, 59 us on two, same wall time; from 16 images up
     # the threads win).
     small_session: ort.InferenceSession | None = None
+    score_name: str | None = None  # the not-a-digit detector's output, when the model has one
 
     @property
     def num_classes(self) -> int:
         return len(self.card.labels)
 
+    @property
+    def columns(self) -> int:
+        """Columns of `predict`'s rows: the class probabilities, then the digit score."""
+        return self.num_classes + (self.score_name is not None)
+
     def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 784) -> (N, columns): one row per image, so the batcher can split runs by row."""
         session = self.session
         if self.small_session is not None and len(pixels) <= SMALL_RUN_IMAGES:
             session = self.small_session
-        (probabilities,) = session.run([self.output_name], {self.input_name: pixels})
-        return probabilities
+        if self.score_name is None:
+            (probabilities,) = session.run([self.output_name], {self.input_name: pixels})
+            return probabilities
+        probabilities, scores = session.run(
+            [self.output_name, self.score_name], {self.input_name: pixels}
+        )
+        return np.concatenate([probabilities, scores.reshape(-1, 1)], axis=1)
 
 
 def load_model(path: Path, options: InferenceOptions) -> Model:
@@ -152,11 +169,18 @@ def _open(path: Path, data: bytes, provider: str, options: InferenceOptions) -> 
         raise ModelError(
             f"{path}: expected one float input [batch, {PIXELS_PER_IMAGE}], found {found}"
         )
-    if len(outputs) != 1 or len(outputs[0].shape) != 2 or (outputs[0].shape[1] != len(card.labels)):
+    scores = [o for o in outputs if o.name == SCORE_NAME and len(o.shape) == 1]
+    classes = [o for o in outputs if o not in scores]
+    if (
+        len(classes) != 1
+        or len(scores) > 1
+        or len(classes[0].shape) != 2
+        or (classes[0].shape[1] != len(card.labels))
+    ):
         found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs)
         raise ModelError(
             f"{path}: expected one output [batch, {len(card.labels)}] (one column per label), "
-            f"found {found}"
+            f"and optionally {SCORE_NAME} [batch]; found {found}"
         )
     model = Model(
         session=session,
@@ -165,7 +189,8 @@ def _open(path: Path, data: bytes, provider: str, options: InferenceOptions) -> 
         file_sha256=hashlib.sha256(data).hexdigest(),
         provider=provider,
         input_name=inputs[0].name,
-        output_name=outputs[0].name,
+        output_name=classes[0].name,
+        score_name=SCORE_NAME if scores else None,
         small_session=(
             _session(data, provider, options, 1)
             if provider == CPU and options.intra_op_threads != 1
@@ -183,8 +208,8 @@ def _warm_up(model: Model) -> None:
         probabilities = model.predict(np.zeros((2, PIXELS_PER_IMAGE), np.float32))
     except Exception as exc:
         raise ModelError(f"{model.path}: warm-up inference failed ({first_line(exc)})") from None
-    if probabilities.shape != (2, model.num_classes) or not np.isfinite(probabilities).all():
+    if probabilities.shape != (2, model.columns) or not np.isfinite(probabilities).all():
         raise ModelError(
             f"{model.path}: warm-up inference returned {probabilities.shape} "
-            f"(expected (2, {model.num_classes}) finite values)"
+            f"(expected (2, {model.columns}) finite values)"
         )

@@ -154,17 +154,22 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             field = "inputs[0].contents.fp32_contents"
         pixels = oi.to_pixels(field, images, values, max_images, headers[0].datatype)
         result = await self._plane.classify(served, pixels, remaining)
-        probabilities = result.outputs
+        chosen = oi.outputs(served, result, [wanted.name for wanted in request.outputs])
         return inference_pb2.ModelInferResponse(
             model_name=served.name,
             model_version=result.version,
             id=request.id,
             outputs=[
                 inference_pb2.ModelInferResponse.InferOutputTensor(
-                    name=served.model.output_name,
-                    datatype=oi.FP32,
-                    shape=list(probabilities.shape),
+                    name=header.name, datatype=header.datatype, shape=list(header.shape)
                 )
+                for header, _ in chosen
             ],
-            raw_output_contents=[probabilities.astype(_LITTLE_ENDIAN_F32).tobytes()],
+            # Raw little-endian bytes, one byte per BOOL (the protocol's layout).
+            raw_output_contents=[
+                values.astype(
+                    _LITTLE_ENDIAN_F32 if header.datatype == oi.FP32 else np.bool_
+                ).tobytes()
+                for header, values in chosen
+            ],
         )

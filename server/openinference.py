@@ -12,13 +12,15 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
-from digit_recognizer.server.dataplane import DataPlane, ServedVersion
+from digit_recognizer.server.dataplane import Classified, DataPlane, ServedVersion
 from digit_recognizer.server.validation import invalid, to_images
 
 PLATFORM = "onnxruntime_onnx"
 FP32 = "FP32"
 UINT8 = "UINT8"  # 0-255 pixels, a quarter of the bytes: what 8-bit pictures and IDX files hold
 BYTES_PER_VALUE = {FP32: 4, UINT8: 1}
+BOOL = "BOOL"
+IS_DIGIT = "is_digit"  # the detector's verdict; its score is the model's SCORE_NAME output
 SERVER_NAME = "digit-recognizer"
 EXTENSIONS = ("model_repository",)  # Triton's name for the RepositoryIndex extension
 
@@ -53,8 +55,41 @@ def metadata(plane: DataPlane, served: ServedVersion) -> Metadata:
         versions=tuple(s.version for s in plane.served() if s.name == served.name),
         platform=PLATFORM,
         inputs=(TensorHeader(model.input_name, FP32, (-1, PIXELS_PER_IMAGE)),),
-        outputs=(TensorHeader(model.output_name, FP32, (-1, len(served.labels))),),
+        outputs=tuple(header for header, _ in _outputs(served, None)),
     )
+
+
+def _outputs(
+    served: ServedVersion, result: Classified | None
+) -> list[tuple[TensorHeader, np.ndarray | None]]:
+    """Every output this version gives, with its values when `result` is given: the class
+    probabilities, and with a not-a-digit detector the digit score and the verdict."""
+    model = served.model
+    n = -1 if result is None else len(result.probabilities)
+    outputs: list[tuple[TensorHeader, np.ndarray | None]] = [
+        (
+            TensorHeader(model.output_name, FP32, (n, len(served.labels))),
+            None if result is None else result.probabilities,
+        )
+    ]
+    if model.score_name is not None:
+        scores = None if result is None else result.digit_scores
+        outputs.append((TensorHeader(model.score_name, FP32, (n,)), scores))
+        if model.card.digit_threshold is not None:
+            verdicts = None if result is None else result.is_digit
+            outputs.append((TensorHeader(IS_DIGIT, BOOL, (n,)), verdicts))
+    return outputs
+
+
+def outputs(
+    served: ServedVersion, result: Classified, wanted: Sequence[str]
+) -> list[tuple[TensorHeader, np.ndarray]]:
+    """The outputs asked for (all of them when none is named), in the model's order."""
+    return [
+        (header, values)
+        for header, values in _outputs(served, result)
+        if values is not None and (not wanted or header.name in wanted)
+    ]
 
 
 def check_request(
@@ -75,10 +110,12 @@ def check_request(
             f"expected input {model.input_name!r} of datatype FP32 (0-1) or UINT8 (0-255), got "
             f"{tensor.name!r} {tensor.datatype or '(no datatype)'}",
         )
+    known = [header.name for header, _ in _outputs(served, None)]
     for wanted in outputs:
-        if wanted != model.output_name:
+        if wanted not in known:
             raise invalid(
-                "outputs", f"unknown output {wanted!r}; the model has {model.output_name!r}"
+                "outputs",
+                f"unknown output {wanted!r}; the model has {', '.join(map(repr, known))}",
             )
     shape = list(tensor.shape)
     if len(shape) != 2 or shape[1] != PIXELS_PER_IMAGE or shape[0] < 1:

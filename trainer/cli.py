@@ -131,9 +131,24 @@ def _names(
     help="Use only the first N training images (quick experiments, tests).",
 )
 @click.option(
+    "--detector/--no-detector",
+    default=True,
+    show_default=True,
+    help="Also train the not-a-digit detector: a small head beside the classifier (which stays "
+    "exactly as trained), exported as the model's second output, digit_score.",
+)
+@click.option(
+    "--detector-pictures",
+    type=click.IntRange(min=50),
+    default=2500,
+    show_default=True,
+    help="Made-up pictures of each kind (digits, letters, scribbles, ...) for the detector.",
+)
+@click.option(
     "--report",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Also write training curves, confusion matrix and worst errors as PNGs here.",
+    help="Also write training curves, confusion matrix, worst errors and the detector's score "
+    "histograms as PNGs here.",
 )
 @click.option(
     "--verbose",
@@ -155,6 +170,8 @@ def train(
     report: Path | None,
     if_missing: bool,
     verbose: bool,
+    detector: bool,
+    detector_pictures: int,
     **knobs: Any,
 ) -> None:
     """Train the MLP (the notebook by default) and export a verified ONNX model."""
@@ -190,6 +207,13 @@ def train(
         from digit_recognizer.trainer.model import weights_sha256
 
         result = fit(config, dataset, log=click.echo)
+        head = None
+        if detector:
+            from digit_recognizer.trainer.detector import train_detector
+
+            head = train_detector(
+                result.model, dataset, config.seed, detector_pictures, log=click.echo
+            )
     card = ModelCard(
         name=name,
         version=model_version or datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
@@ -201,6 +225,7 @@ def train(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         training_config={**config.to_dict(), "train_images": len(dataset.x_train)},
         library_versions=_library_versions(),
+        detector=head.card() if head is not None else {},
     )
     from digit_recognizer.trainer.data import to_model_inputs
 
@@ -212,13 +237,16 @@ def train(
                 output,
                 to_model_inputs(dataset.x_test),
                 result.test_probabilities,
+                head,
             )
     except ParityError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"parity: onnxruntime == keras on {parity.images} test images "
         f"(max |diff| {parity.max_abs_diff:.1e}, {parity.argmax_disagreements} "
-        "different predictions)"
+        "different predictions"
+        + (f"; digit score max |diff| {parity.max_score_diff:.1e}" if head is not None else "")
+        + ")"
     )
     if report is not None:
         from digit_recognizer.trainer.report import write_report
@@ -230,6 +258,8 @@ def train(
             dataset.y_test,
             result.test_probabilities,
             config.labels,
+            head.held_out if head is not None else None,
+            head.threshold if head is not None else None,
         )
         click.echo(f"report: {', '.join(str(p) for p in paths)}")
     click.echo(

@@ -14,7 +14,14 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from digit_recognizer.protos.contract import INPUT_NAME, OUTPUT_NAME, PIXELS_PER_IMAGE, ModelCard
+from digit_recognizer.protos.contract import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PIXELS_PER_IMAGE,
+    SCORE_NAME,
+    ModelCard,
+)
+from digit_recognizer.trainer.detector import Detector, exported_function
 
 # 17 is the oldest opset with everything this graph needs that every maintained runtime
 # (onnxruntime >= 1.13, TensorRT 8.6, OpenVINO, onnx.js) executes; nothing newer buys us anything.
@@ -32,17 +39,24 @@ class Parity:
     images: int
     max_abs_diff: float
     argmax_disagreements: int
+    max_score_diff: float = 0.0  # the digit score's, when the model has a detector
 
     @property
     def ok(self) -> bool:
-        return self.argmax_disagreements == 0 and self.max_abs_diff <= MAX_ABS_DIFF
+        return (
+            self.argmax_disagreements == 0
+            and self.max_abs_diff <= MAX_ABS_DIFF
+            and self.max_score_diff <= MAX_ABS_DIFF
+        )
 
 
-def to_onnx(model: keras.Model, card: ModelCard) -> onnx.ModelProto:
+def to_onnx(
+    model: keras.Model, card: ModelCard, detector: Detector | None = None
+) -> onnx.ModelProto:
     # from_keras breaks on Keras 3; a tf.function with a named signature converts cleanly, and
-    # returning a dict names the graph output instead of leaking the op name ("Identity:0").
+    # returning a dict names the graph outputs instead of leaking op names ("Identity:0").
     signature = [tf.TensorSpec([None, PIXELS_PER_IMAGE], tf.float32, name=INPUT_NAME)]
-    forward = tf.function(lambda pixels: {OUTPUT_NAME: model(pixels, training=False)})
+    forward = exported_function(model, detector)
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=OPSET)
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
@@ -51,6 +65,11 @@ def to_onnx(model: keras.Model, card: ModelCard) -> onnx.ModelProto:
         f"{card.name} {card.version}: {INPUT_NAME} float32 [{BATCH_DIM}, {PIXELS_PER_IMAGE}] "
         f"(28x28 row-major, 0 = background, 1 = ink) -> {OUTPUT_NAME} [{BATCH_DIM}, "
         f"{len(card.labels)}] over labels {', '.join(card.labels)}"
+        + (
+            f"; {SCORE_NAME} [{BATCH_DIM}] in [0, 1], a digit from {card.digit_threshold}"
+            if detector is not None
+            else ""
+        )
     )
     proto.model_version = int(card.version) if card.version.isdigit() else 0
     del proto.metadata_props[:]
@@ -60,15 +79,26 @@ def to_onnx(model: keras.Model, card: ModelCard) -> onnx.ModelProto:
     return proto
 
 
-def check_parity(model_bytes: bytes, inputs: np.ndarray, keras_probabilities: np.ndarray) -> Parity:
+def check_parity(
+    model_bytes: bytes,
+    inputs: np.ndarray,
+    keras_probabilities: np.ndarray,
+    keras_scores: np.ndarray | None = None,
+) -> Parity:
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    (onnx_probabilities,) = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})
+    names = [OUTPUT_NAME] + ([SCORE_NAME] if keras_scores is not None else [])
+    outputs = session.run(names, {INPUT_NAME: inputs})
+    onnx_probabilities = outputs[0]
+    score_diff = (
+        float(np.max(np.abs(outputs[1] - keras_scores))) if keras_scores is not None else 0.0
+    )
     return Parity(
         images=len(inputs),
         max_abs_diff=float(np.max(np.abs(onnx_probabilities - keras_probabilities))),
         argmax_disagreements=int(
             np.sum(onnx_probabilities.argmax(axis=1) != keras_probabilities.argmax(axis=1))
         ),
+        max_score_diff=score_diff,
     )
 
 
@@ -78,15 +108,18 @@ def export(
     path: Path,
     inputs: np.ndarray,
     keras_probabilities: np.ndarray,
+    detector: Detector | None = None,
 ) -> Parity:
     """Convert, check parity on `inputs`, and only then write `path` atomically."""
-    model_bytes = to_onnx(model, card).SerializeToString()
-    parity = check_parity(model_bytes, inputs, keras_probabilities)
+    model_bytes = to_onnx(model, card, detector).SerializeToString()
+    scores = detector.scores(inputs) if detector is not None else None
+    parity = check_parity(model_bytes, inputs, keras_probabilities, scores)
     if not parity.ok:
         raise ParityError(
             f"ONNX disagrees with Keras on {parity.images} images: max |diff| "
-            f"{parity.max_abs_diff:.2e} (limit {MAX_ABS_DIFF:.0e}), "
-            f"{parity.argmax_disagreements} different predictions; {path} not written"
+            f"{parity.max_abs_diff:.2e} (digit score {parity.max_score_diff:.2e}; limit "
+            f"{MAX_ABS_DIFF:.0e}), {parity.argmax_disagreements} different predictions; "
+            f"{path} not written"
         )
     write_atomically(path, model_bytes)
     return parity

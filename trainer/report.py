@@ -19,16 +19,46 @@ def write_report(
     labels: np.ndarray,
     probabilities: np.ndarray,
     class_names: tuple[str, ...],
+    detector_scores: dict[str, tuple[bool, np.ndarray]] | None = None,
+    threshold: float | None = None,
     worst_count: int = 36,
 ) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    return [
+    paths = [
         _curves(directory / "training_curves.png", history),
         _confusion(directory / "confusion_matrix.png", labels, probabilities, class_names),
         _worst(
             directory / "worst_errors.png", images, labels, probabilities, class_names, worst_count
         ),
     ]
+    if detector_scores and threshold is not None:
+        paths.append(_scores(directory / "digit_scores.png", detector_scores, threshold))
+    return paths
+
+
+def _scores(path: Path, scores: dict[str, tuple[bool, np.ndarray]], threshold: float) -> Path:
+    """Held-out digit scores per kind of picture, digits above, non-digits below."""
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    bins = np.linspace(0, 1, 41)
+    panels = (
+        (axes[0], True, "digits (kept when >= threshold)"),
+        (axes[1], False, "not digits (rejected when < threshold)"),
+    )
+    for ax, wanted, title in panels:
+        for name, (is_digit, values) in scores.items():
+            if is_digit == wanted and len(values):
+                share = (values >= threshold).mean() if wanted else (values < threshold).mean()
+                ax.hist(values, bins=bins, histtype="step", linewidth=1.5,
+                        label=f"{name} ({share:.1%})")  # fmt: skip
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[1].set_xlabel(f"digit score (threshold {threshold:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _curves(path: Path, history: dict[str, list[float]]) -> Path:

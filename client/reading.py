@@ -1,0 +1,191 @@
+"""Finding the digits of a written number in one picture, left to right.
+
+The ink (client.images' recipe: grey, polarity, contrast) is split into connected pieces;
+specks are dropped, pieces stacked over each other (a 5's detached bar, a 4 written in two
+strokes) are merged, and a piece much wider than the digits around it is cut where the ink is
+thinnest into as many digits as its width holds (touching digits). Each piece then becomes an
+MNIST-style 28x28 image with the same recipe as a single picture, from its own ink only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+
+from digit_recognizer.client.errors import BlankPicture
+from digit_recognizer.client.images import ImageSource, frame, to_ink
+
+if TYPE_CHECKING:
+    from digit_recognizer.client.client import Prediction
+
+# A piece under this share of the tallest piece's height and of the ink is a speck.
+_SPECK_HEIGHT = 0.25
+_SPECK_INK = 0.01
+# Stacked pieces: horizontal overlap over the narrower one's width.
+_MERGE_OVERLAP = 0.5
+# Digits are narrower than tall; wider than this times the typical height is several digits.
+_MAX_DIGIT_ASPECT = 1.1
+_DIGIT_ASPECT = 0.65  # a typical digit's width / height, to count the digits in a wide piece
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One digit-sized piece of the picture."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the picture's own pixels
+    pixels: np.ndarray  # (784,) float32, MNIST-style
+
+
+@dataclass(frozen=True)
+class ReadDigit:
+    """One piece of a read number: where it is and what the model made of it."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the picture's pixels
+    prediction: Prediction
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.prediction
+        return {
+            "box": list(self.box),
+            "digit": p.digit,
+            "label": p.label,
+            "confidence": round(p.confidence, 6),
+            "is_digit": p.looks_like_a_digit,
+            **({"digit_score": round(p.digit_score, 6)} if p.digit_score is not None else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A picture read as a number: `text` is the digits left to right; pieces the model says
+    are not digits are left out of it and listed in `dropped`."""
+
+    pieces: tuple[ReadDigit, ...]
+
+    @property
+    def digits(self) -> tuple[ReadDigit, ...]:
+        return tuple(p for p in self.pieces if p.prediction.looks_like_a_digit)
+
+    @property
+    def dropped(self) -> tuple[ReadDigit, ...]:
+        return tuple(p for p in self.pieces if not p.prediction.looks_like_a_digit)
+
+    @property
+    def text(self) -> str:
+        return "".join(p.prediction.label for p in self.digits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "digits": [p.to_dict() for p in self.digits],
+            "dropped": [p.to_dict() for p in self.dropped],
+        }
+
+
+def assemble(pieces: list[Piece], predictions: list[Prediction]) -> Reading:
+    return Reading(tuple(ReadDigit(p.box, pr) for p, pr in zip(pieces, predictions, strict=True)))
+
+
+@dataclass
+class _Box:
+    left: int
+    top: int
+    right: int
+    bottom: int
+    labels: set[int]
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    def absorb(self, other: _Box) -> None:
+        self.left, self.top = min(self.left, other.left), min(self.top, other.top)
+        self.right, self.bottom = max(self.right, other.right), max(self.bottom, other.bottom)
+        self.labels |= other.labels
+
+
+def find_digits(
+    source: ImageSource, name: str | None = None, max_decoded_bytes: int | None = None
+) -> list[Piece]:
+    """The digit-sized pieces of a picture, left to right; none for a blank picture.
+    ImageError when it cannot be read."""
+    try:
+        ink, scale = to_ink(source, name, max_decoded_bytes)
+    except BlankPicture:
+        return []
+    mask = ink > 0
+    labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return []
+    sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
+    boxes = [
+        _Box(found[1].start, found[0].start, found[1].stop, found[0].stop, {label})
+        for label, found in enumerate(ndimage.find_objects(labelled), start=1)
+        if found is not None
+    ]
+    tallest, total = max(b.height for b in boxes), float(sizes.sum())
+    boxes = [
+        b
+        for b in boxes
+        if b.height >= _SPECK_HEIGHT * tallest or sizes[min(b.labels) - 1] >= _SPECK_INK * total
+    ]
+    boxes = _merge_stacked(sorted(boxes, key=lambda b: b.left))
+    height = float(np.median([b.height for b in boxes]))
+    pieces = []
+    for box in boxes:
+        own = np.where(np.isin(labelled, list(box.labels)), ink, 0.0)
+        for left, right in _cuts(own[box.top : box.bottom, box.left : box.right], height):
+            crop = own[box.top : box.bottom, box.left + left : box.left + right]
+            if not crop.any():
+                continue
+            rows = np.flatnonzero(crop.any(axis=1))
+            top, bottom = box.top + int(rows[0]), box.top + int(rows[-1]) + 1
+            picture_box = (
+                round((box.left + left) * scale),
+                round(top * scale),
+                round((box.left + right) * scale),
+                round(bottom * scale),
+            )
+            pieces.append(Piece(picture_box, frame(crop[rows[0] : rows[-1] + 1])))
+    return pieces
+
+
+def _merge_stacked(boxes: list[_Box]) -> list[_Box]:
+    merged: list[_Box] = []
+    for box in boxes:
+        for kept in merged:
+            overlap = min(kept.right, box.right) - max(kept.left, box.left)
+            if overlap >= _MERGE_OVERLAP * min(kept.width, box.width):
+                kept.absorb(box)
+                break
+        else:
+            merged.append(box)
+    return merged
+
+
+def _cuts(ink: np.ndarray, height: float) -> list[tuple[int, int]]:
+    """Column ranges of the digits in one piece: the whole piece, or, when it is too wide
+    for one digit, cuts at the thinnest ink near evenly spaced positions."""
+    width = ink.shape[1]
+    if width <= _MAX_DIGIT_ASPECT * height:
+        return [(0, width)]
+    digits = max(2, round(width / (_DIGIT_ASPECT * height)))
+    column_ink = ink.sum(axis=0)
+    cuts = [0]
+    for i in range(1, digits):
+        ideal = round(width * i / digits)
+        reach = max(1, width // (3 * digits))
+        low, high = max(cuts[-1] + 1, ideal - reach), min(width - 1, ideal + reach)
+        if low >= high:
+            continue
+        cuts.append(low + int(np.argmin(column_ink[low:high])))
+    cuts.append(width)
+    return list(itertools.pairwise(cuts))

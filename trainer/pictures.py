@@ -1,0 +1,326 @@
+"""Pictures as people take them, made up: digits and things that are not digits, and numbers.
+
+Everything is drawn as a photo or scan would show it (dark ink on light paper, larger than
+28x28, off-centre, a little blur and noise) and then goes through the client's own recipe
+(`client.images.to_mnist`), so the not-a-digit detector learns from exactly what the served
+model is shown. Nothing is downloaded: the fonts are the machine's own plus Pillow's built-in
+one, the rest is MNIST and drawing.
+
+Typed letters that look like digits in most fonts are never used as non-digits (O o Q D are
+0s, I l i j | ! are 1s, Z z 2s, S s 5s, B 8, b G 6s, g q 9s): a service that rejected a typed
+"0" for looking like an "O" would be wrong, not careful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from digit_recognizer.client.errors import ImageError
+from digit_recognizer.client.images import to_mnist
+
+FONT_DIRS = (
+    "/usr/share/fonts",
+    "/usr/local/share/fonts",
+    "~/.fonts",
+    "~/.local/share/fonts",
+    "/Library/Fonts",
+    "/System/Library/Fonts",
+    "C:/Windows/Fonts",
+)
+LOOK_ALIKES = set("OoQDIlij|!ZzSsBbGgq")
+NON_DIGIT_GLYPHS = "".join(
+    c for c in string.ascii_letters + "#$%&@*+?<>=~^/\\{}[]()" if c not in LOOK_ALIKES
+)
+Rng = np.random.Generator
+Font = Path | None  # None: Pillow's built-in font
+
+
+def system_fonts() -> list[Path]:
+    """TrueType/OpenType fonts on this machine that draw Latin letters and digits."""
+    found: set[Path] = set()
+    for folder in FONT_DIRS:
+        root = Path(folder).expanduser()
+        if root.is_dir():
+            found.update(p for p in root.rglob("*") if p.suffix.lower() in (".ttf", ".otf"))
+    usable = []
+    for path in sorted(found):
+        if "math" in path.name.lower() or "symbol" in path.name.lower():
+            continue
+        try:
+            ImageFont.truetype(str(path), 32).getbbox("0aZ")
+        except OSError:
+            continue
+        usable.append(path)
+    return usable
+
+
+def split_fonts(fonts: list[Path]) -> tuple[list[Font], list[Font]]:
+    """(training fonts, held-out fonts): a stable quarter of the files is held out, so the
+    figures on typed pictures are for fonts the detector never saw."""
+    held = [f for f in fonts if hashlib.sha256(f.name.encode()).digest()[0] % 4 == 0]
+    if not held and len(fonts) > 1:
+        held = fonts[-1:]
+    training: list[Font] = [f for f in fonts if f not in held]
+    return [None, *training], list(held) or [None]
+
+
+def _font(font: Font, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if font is None:
+        return ImageFont.load_default(size=size)
+    return ImageFont.truetype(str(font), size)
+
+
+def _paper(width: int, height: int, rng: Rng) -> Image.Image:
+    shade = int(rng.integers(200, 256))
+    return Image.new("L", (width, height), shade)
+
+
+def _finish(picture: Image.Image, rng: Rng) -> Image.Image:
+    """Camera and scanner: a little blur, noise, uneven light."""
+    if rng.random() < 0.6:
+        picture = picture.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
+    pixels = np.asarray(picture, np.float32)
+    light = np.linspace(rng.uniform(-20, 0), rng.uniform(0, 20), pixels.shape[1])[None, :]
+    pixels = pixels + light + rng.normal(0, rng.uniform(1, 8), pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def typed(text: str, font: Font, rng: Rng) -> Image.Image:
+    """`text` printed in `font` at a random size, weight and slant."""
+    size = int(rng.integers(40, 110))
+    face = _font(font, size)
+    left, top, right, bottom = face.getbbox(text)
+    margin = int(rng.integers(size // 4, size))
+    canvas = _paper(right - left + 2 * margin, bottom - top + 2 * margin, rng)
+    ink = int(rng.integers(0, 90))
+    ImageDraw.Draw(canvas).text((margin - left, margin - top), text, fill=ink, font=face)
+    if rng.random() < 0.3:  # a heavier pen
+        canvas = canvas.filter(ImageFilter.MinFilter(3))
+    angle = float(rng.uniform(-8, 8))
+    canvas = canvas.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=255)
+    return _finish(canvas, rng)
+
+
+def photo_of(image: np.ndarray, rng: Rng) -> Image.Image:
+    """A 28x28 (or 28xW) MNIST-style array (light ink on black) as a photo of ink on paper."""
+    scale = float(rng.uniform(3, 7))
+    height, width = image.shape
+    ink = Image.fromarray(255 - image.astype(np.uint8)).resize(
+        (round(width * scale), round(height * scale)), Image.Resampling.BICUBIC
+    )
+    margin = int(rng.integers(5, 40))
+    paper = _paper(ink.width + 2 * margin, ink.height + 2 * margin, rng)
+    dark = np.asarray(ink, np.float32) / 255.0
+    region = np.asarray(paper, np.float32)[
+        margin : margin + ink.height, margin : margin + ink.width
+    ]
+    blended = region * dark + float(rng.integers(0, 80)) * (1 - dark)
+    paper.paste(Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), (margin, margin))
+    return _finish(paper, rng)
+
+
+def scribble(rng: Rng) -> Image.Image:
+    """Strokes that are not a digit: tangles, zigzags, spirals, hatching, blobs, shapes."""
+    side = int(rng.integers(120, 260))
+    canvas = _paper(side, side, rng)
+    draw = ImageDraw.Draw(canvas)
+    ink = int(rng.integers(0, 90))
+    width = int(rng.integers(3, 14))
+    kind = rng.integers(0, 6)
+    low, high = side * 0.15, side * 0.85
+    if kind == 0:  # a tangle of random strokes
+        for _ in range(rng.integers(2, 6)):
+            points = [tuple(p) for p in rng.uniform(low, high, (int(rng.integers(3, 9)), 2))]
+            draw.line(points, fill=ink, width=width, joint="curve")
+    elif kind == 1:  # zigzag
+        count = int(rng.integers(5, 12))
+        xs = np.linspace(low, high, count)
+        ys = np.where(np.arange(count) % 2, low, high) + rng.normal(0, side * 0.05, count)
+        draw.line(list(zip(xs, ys, strict=True)), fill=ink, width=width)
+    elif kind == 2:  # spiral
+        turns = rng.uniform(2, 4)
+        t = np.linspace(0, turns * 2 * np.pi, 200)
+        r = (side * 0.35) * t / t[-1]
+        points = list(zip(side / 2 + r * np.cos(t), side / 2 + r * np.sin(t), strict=True))
+        draw.line(points, fill=ink, width=max(2, width // 2))
+    elif kind == 3:  # hatching
+        for offset in np.linspace(low, high, int(rng.integers(4, 9))):
+            draw.line([(low, offset), (high, offset + rng.uniform(-30, 30))], fill=ink, width=width)
+    elif kind == 4:  # filled blobs
+        for _ in range(rng.integers(1, 4)):
+            x, y = rng.uniform(low, high, 2)
+            r = rng.uniform(side * 0.08, side * 0.3)
+            draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=ink)
+    else:  # shapes: boxes, triangles, crosses
+        for _ in range(rng.integers(1, 3)):
+            shape = rng.integers(0, 3)
+            a, b = sorted(rng.uniform(low, high, 2))
+            if shape == 0:
+                draw.rectangle([a, a, b, b], outline=ink, width=width)
+            elif shape == 1:
+                draw.polygon([(a, b), (b, b), ((a + b) / 2, a)], outline=ink, width=width)
+            else:
+                draw.line([(a, a), (b, b)], fill=ink, width=width)
+                draw.line([(a, b), (b, a)], fill=ink, width=width)
+    return _finish(canvas, rng)
+
+
+def texture(rng: Rng) -> Image.Image:
+    """Surfaces rather than marks: noise, smooth blotches, stripes, checks, ruled paper."""
+    side = int(rng.integers(100, 260))
+    kind = rng.integers(0, 5)
+    if kind == 0:  # grain
+        pixels = rng.normal(rng.uniform(100, 200), rng.uniform(20, 70), (side, side))
+    elif kind == 1:  # blotches: low-frequency noise
+        coarse = rng.uniform(0, 255, (int(rng.integers(3, 9)),) * 2).astype(np.float32)
+        pixels = np.asarray(
+            Image.fromarray(coarse, "F").resize((side, side), Image.Resampling.BICUBIC)
+        )
+    elif kind == 2:  # stripes at an angle
+        y, x = np.mgrid[:side, :side]
+        angle, period = rng.uniform(0, np.pi), rng.uniform(6, 30)
+        pixels = 128 + 110 * np.sign(np.sin((x * np.cos(angle) + y * np.sin(angle)) / period))
+    elif kind == 3:  # checks
+        cell = int(rng.integers(8, 40))
+        y, x = np.mgrid[:side, :side]
+        pixels = np.where(((x // cell) + (y // cell)) % 2, 230.0, 40.0)
+    else:  # ruled paper, with a margin line now and then
+        pixels = np.full((side, side), float(rng.integers(215, 256)))
+        gap = int(rng.integers(14, 30))
+        pixels[int(rng.integers(3, gap)) :: gap, :] = float(rng.integers(60, 170))
+        if rng.random() < 0.4:
+            pixels[:, int(rng.integers(10, side // 3))] = float(rng.integers(60, 170))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return _finish(image, rng)
+
+
+def piece_of(digit: np.ndarray, rng: Rng) -> Image.Image:
+    """A part of an MNIST digit: a third to two thirds of it, cut anywhere."""
+    rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    height, width = bottom - top, right - left
+    if rng.random() < 0.5:  # a horizontal slice
+        keep = max(3, int(height * rng.uniform(0.3, 0.6)))
+        start = top + int(rng.integers(0, height - keep + 1))
+        part = digit.copy()
+        part[:start], part[start + keep :] = 0, 0
+    else:  # a vertical slice
+        keep = max(3, int(width * rng.uniform(0.35, 0.6)))
+        start = left + int(rng.integers(0, width - keep + 1))
+        part = digit.copy()
+        part[:, :start], part[:, start + keep :] = 0, 0
+    return photo_of(part, rng)
+
+
+def pair_of(first: np.ndarray, second: np.ndarray, rng: Rng) -> Image.Image:
+    """Two MNIST digits side by side in one picture: one picture, two digits, not a digit."""
+    overlap = int(rng.integers(4, 12))
+    both = np.zeros((28, 56 - overlap), np.uint8)
+    both[:, :28] = first
+    both[:, 28 - overlap :] = np.maximum(both[:, 28 - overlap :], second)
+    return photo_of(both, rng)
+
+
+def number_of(digits: list[np.ndarray], rng: Rng) -> Image.Image:
+    """MNIST digits written side by side as one number: varying gaps (touching now and
+    then) and a wandering baseline."""
+    shifts = rng.integers(-3, 4, len(digits))
+    # MNIST's 28x28 frames hold about 4 px of margin each side: -8 makes the boxes touch.
+    gaps = [int(rng.choice([-8, -6, -4, -2, 0, 2, 4, 8], p=GAP_ODDS)) for _ in digits[1:]]
+    width = 28 * len(digits) + sum(gaps)
+    canvas = np.zeros((40, max(28, width)), np.uint8)
+    x = 0
+    for i, digit in enumerate(digits):
+        y = 6 + int(shifts[i])
+        region = canvas[y : y + 28, x : x + 28]
+        canvas[y : y + 28, x : x + 28] = np.maximum(region, digit[:, : region.shape[1]])
+        if i < len(gaps):
+            x += 28 + gaps[i]
+    return photo_of(canvas, rng)
+
+
+GAP_ODDS = (0.05, 0.1, 0.15, 0.15, 0.2, 0.15, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class PictureSet:
+    """One kind of picture, in the model's input form."""
+
+    name: str
+    is_digit: bool
+    pixels: np.ndarray  # (N, 784) float32
+    unreadable: int  # pictures the client itself refuses (blank: "no digit found")
+
+
+def as_inputs(name: str, is_digit: bool, pictures: Iterator[Image.Image]) -> PictureSet:
+    rows, unreadable = [], 0
+    for picture in pictures:
+        try:
+            rows.append(to_mnist(picture))
+        except ImageError:
+            unreadable += 1
+    pixels = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 784), np.float32)
+    return PictureSet(name, is_digit, pixels, unreadable)
+
+
+def _draw_set(
+    kind: str, count: int, digits: np.ndarray, fonts: list[Font], seed: int
+) -> PictureSet:
+    """One kind of picture, `count` of them; runs in a worker process."""
+    rng = np.random.default_rng(seed)
+
+    def digit_image() -> np.ndarray:
+        return digits[rng.integers(len(digits))]
+
+    def typed_from(glyphs: str) -> Callable[[Rng], Image.Image]:
+        return lambda r: typed(glyphs[r.integers(len(glyphs))], fonts[r.integers(len(fonts))], r)
+
+    draw: dict[str, tuple[bool, Callable[[Rng], Image.Image]]] = {
+        "photos of digits": (True, lambda r: photo_of(digit_image(), r)),
+        "typed digits": (True, typed_from(string.digits)),
+        "typed letters and symbols": (False, typed_from(NON_DIGIT_GLYPHS)),
+        "scribbles": (False, scribble),
+        "textures and ruled paper": (False, texture),
+        "pieces of digits": (False, lambda r: piece_of(digit_image(), r)),
+        "pairs of digits": (False, lambda r: pair_of(digit_image(), digit_image(), r)),
+    }
+    is_digit, make = draw[kind]
+    return as_inputs(kind, is_digit, (make(rng) for _ in range(count)))
+
+
+KINDS = (  # (kind, share of `count`)
+    ("photos of digits", 1.0),
+    ("typed digits", 1.0),
+    ("typed letters and symbols", 1.0),
+    ("scribbles", 1.0),
+    ("textures and ruled paper", 0.5),
+    ("pieces of digits", 0.5),
+    ("pairs of digits", 0.5),
+)
+
+
+def detector_sets(
+    digits: np.ndarray, fonts: list[Font], seed: int, count: int, workers: int | None = None
+) -> list[PictureSet]:
+    """Digits (photos of MNIST digits, typed digits) and non-digits (typed letters and
+    symbols, scribbles, textures, pieces and pairs of digits): `count` pictures of most kinds,
+    half that of the last three, drawn from `digits` (uint8 (N, 28, 28)) and `fonts`. The
+    kinds are drawn in parallel processes, each with its own seed."""
+    import concurrent.futures
+    import multiprocessing
+
+    subset = digits[
+        np.random.default_rng(seed).choice(len(digits), min(len(digits), 6000), replace=False)
+    ]
+    jobs = [(kind, max(1, int(count * share)), subset, fonts, seed * 100 + i)
+            for i, (kind, share) in enumerate(KINDS)]  # fmt: skip
+    context = multiprocessing.get_context("spawn")  # TensorFlow's threads do not survive fork
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(_draw_set, *zip(*jobs, strict=True)))
