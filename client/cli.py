@@ -25,7 +25,7 @@ from digit_recognizer.client.client import (
     Prediction,
 )
 from digit_recognizer.client.errors import DigitClientError, ImageError
-from digit_recognizer.client.images import is_image_file, render, to_mnist
+from digit_recognizer.client.images import is_image_file, quantized, render, to_mnist
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DIGITS"}
@@ -187,10 +187,8 @@ def classify(
             click.echo(f"Error: {exc}", err=True)
     if prepared:
         with connect() as client:
-            # Pictures are 8-bit: sent as uint8, a quarter of the bytes of float32 (the
-            # rounding, at most 1/510 per pixel, is below what the picture itself resolves).
-            pixels_u8 = np.rint(np.stack([p for _, p in prepared]) * 255).astype(np.uint8)
-            predictions = client.classify_many(pixels_u8, top_k=top_k)
+            pixels = quantized(np.stack([p for _, p in prepared]))  # pictures are 8-bit
+            predictions = client.classify_many(pixels, top_k=top_k)
         for (name, pixels), prediction in zip(prepared, predictions, strict=True):
             if show:
                 # JSON lines stay JSON: the picture goes to stderr then. Colour half-blocks
@@ -198,6 +196,53 @@ def classify(
                 out = sys.stderr if as_json else sys.stdout
                 click.echo("\n".join(render(pixels, ascii_only=not out.isatty())), err=as_json)
             click.echo(_format(name, prediction, as_json))
+    if failures:
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per picture per line.")
+@connection_options
+def read(connect: Callable[[], DigitClient], images: tuple[str, ...], as_json: bool) -> None:
+    """Read numbers: pictures holding several digits (a house number, a meter, a year).
+
+    The digits are found in the picture (connected ink, broken strokes merged, touching
+    digits split), ordered left to right and classified in one request. Pieces the model
+    says are not digits are left out of the number and reported. Exit status 1 when any
+    picture could not be read.
+
+    \b
+    Examples:
+      digit-client read house-number.jpg
+      digit-client read --json meters/ > readings.jsonl
+    """
+    from digit_recognizer.client.reading import assemble, find_digits, pixels_u8
+
+    failures = 0
+    found: list[tuple[str, list]] = []
+    for name in _expand(images):
+        try:
+            source = sys.stdin.buffer.read() if name == "-" else Path(name)
+            found.append((name, find_digits(source, "<stdin>" if name == "-" else name)))
+        except ImageError as exc:
+            failures += 1
+            click.echo(f"Error: {exc}", err=True)
+    everything = [piece for _, pieces in found for piece in pieces]
+    predictions = []
+    if everything:
+        with connect() as client:  # every piece of every picture: one request
+            predictions = client.classify_many(pixels_u8(everything))
+    answers = iter(predictions)
+    readings = [(name, assemble(pieces, [next(answers) for _ in pieces])) for name, pieces in found]
+    for name, reading in readings:
+        if as_json:
+            click.echo(json.dumps({"path": name, **reading.to_dict()}))
+            continue
+        line = f"{name}: {reading.text or 'no digits found'}"
+        if reading.dropped:
+            line += f"  ({len(reading.dropped)} piece(s) that are not digits left out)"
+        click.echo(line)
     if failures:
         sys.exit(1)
 

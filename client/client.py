@@ -29,7 +29,7 @@ try:  # optional: with it, calls carry the caller's trace context
 except ImportError:  # pragma: no cover - the base install does not include it
     _propagate = None  # type: ignore[assignment]
 from digit_recognizer.client.images import ImageSource, to_mnist
-from digit_recognizer.client.reading import Piece, Reading, assemble, find_digits
+from digit_recognizer.client.reading import Reading, assemble, find_digits, pixels_u8
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
 
@@ -196,11 +196,6 @@ def decode(reply: digits_pb2.ClassifyResponse) -> list[Prediction]:
     ]
 
 
-def _as_u8(pieces: list[Piece]) -> np.ndarray:
-    """Pictures are 8-bit: their pieces go over the wire as uint8 (a quarter of the bytes)."""
-    return np.rint(np.stack([p.pixels for p in pieces]) * 255).astype(np.uint8)
-
-
 def _chunks(pixels: np.ndarray, size: int) -> list[np.ndarray]:
     return [pixels[i : i + size] for i in range(0, len(pixels), size)]
 
@@ -357,7 +352,7 @@ class DigitClient(_Base):
         pieces = find_digits(source)
         if not pieces:
             return Reading(())
-        return assemble(pieces, self.classify_many(_as_u8(pieces)))
+        return assemble(pieces, self.classify_many(pixels_u8(pieces)))
 
     def stream(
         self, batches: Iterable[Any], *, top_k: int = 0
@@ -476,7 +471,7 @@ class AsyncDigitClient(_Base):
         pieces = await asyncio.to_thread(find_digits, source)
         if not pieces:
             return Reading(())
-        return assemble(pieces, await self.classify_many(_as_u8(pieces)))
+        return assemble(pieces, await self.classify_many(pixels_u8(pieces)))
 
     async def stream(
         self, batches: Iterable[Any] | AsyncIterator[Any], *, top_k: int = 0

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from digit_recognizer.client.errors import BlankPicture
-from digit_recognizer.client.images import ImageSource, frame, to_ink
+from digit_recognizer.client.images import ImageSource, frame, quantized, to_ink
 
 if TYPE_CHECKING:
     from digit_recognizer.client.client import Prediction
@@ -27,9 +27,14 @@ _SPECK_HEIGHT = 0.25
 _SPECK_INK = 0.01
 # Stacked pieces: horizontal overlap over the narrower one's width.
 _MERGE_OVERLAP = 0.5
+# Fragments: under this share of the typical piece's ink and of its height.
+_FRAGMENT_INK = 0.2
+_FRAGMENT_HEIGHT = 0.6
 # Digits are narrower than tall; wider than this times the typical height is several digits.
 _MAX_DIGIT_ASPECT = 1.1
-_DIGIT_ASPECT = 0.65  # a typical digit's width / height, to count the digits in a wide piece
+# Touching digits sit about a height apart (their ink is dense where they meet): the
+# digits in a wide piece are counted as its width over this share of its height.
+_DIGIT_PITCH = 0.9
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class Reading:
         }
 
 
+def pixels_u8(pieces: list[Piece]) -> np.ndarray:
+    return quantized(np.stack([p.pixels for p in pieces]))
+
+
 def assemble(pieces: list[Piece], predictions: list[Prediction]) -> Reading:
     return Reading(tuple(ReadDigit(p.box, pr) for p, pr in zip(pieces, predictions, strict=True)))
 
@@ -138,6 +147,7 @@ def find_digits(
         if b.height >= _SPECK_HEIGHT * tallest or sizes[min(b.labels) - 1] >= _SPECK_INK * total
     ]
     boxes = _merge_stacked(sorted(boxes, key=lambda b: b.left))
+    boxes = _absorb_fragments(boxes, sizes)
     height = float(np.median([b.height for b in boxes]))
     pieces = []
     for box in boxes:
@@ -171,18 +181,41 @@ def _merge_stacked(boxes: list[_Box]) -> list[_Box]:
     return merged
 
 
+def _absorb_fragments(boxes: list[_Box], sizes: np.ndarray) -> list[_Box]:
+    """Small, short pieces beside a digit (a stroke the pen was lifted from) join the nearest
+    piece instead of counting as digits. A "1" is short of ink but full height: it stays."""
+    if len(boxes) < 2:
+        return boxes
+    ink = [float(sum(sizes[label - 1] for label in b.labels)) for b in boxes]
+    typical_ink, typical_height = float(np.median(ink)), float(np.median([b.height for b in boxes]))
+
+    def fragment(box: _Box, amount: float) -> bool:
+        return (
+            amount < _FRAGMENT_INK * typical_ink and box.height < _FRAGMENT_HEIGHT * typical_height
+        )
+
+    kept = [b for b, amount in zip(boxes, ink, strict=True) if not fragment(b, amount)]
+    if not kept:
+        return boxes
+    for box, amount in zip(boxes, ink, strict=True):
+        if fragment(box, amount):
+            nearest = min(kept, key=lambda k: max(0, k.left - box.right, box.left - k.right))
+            nearest.absorb(box)
+    return kept
+
+
 def _cuts(ink: np.ndarray, height: float) -> list[tuple[int, int]]:
     """Column ranges of the digits in one piece: the whole piece, or, when it is too wide
     for one digit, cuts at the thinnest ink near evenly spaced positions."""
     width = ink.shape[1]
     if width <= _MAX_DIGIT_ASPECT * height:
         return [(0, width)]
-    digits = max(2, round(width / (_DIGIT_ASPECT * height)))
+    digits = max(2, round(width / (_DIGIT_PITCH * height)))
     column_ink = ink.sum(axis=0)
     cuts = [0]
     for i in range(1, digits):
         ideal = round(width * i / digits)
-        reach = max(1, width // (3 * digits))
+        reach = max(1, int(width / (2.5 * digits)))
         low, high = max(cuts[-1] + 1, ideal - reach), min(width - 1, ideal + reach)
         if low >= high:
             continue

@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -27,6 +27,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
+from digit_recognizer.client.reading import find_digits
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import openinference as oi
 from digit_recognizer.server.dataplane import Call, CallFailed, Classified, DataPlane, ServedVersion
@@ -78,10 +79,12 @@ def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Applica
         )
         post(f"{prefix}/infer", routes.observed("http_infer", routes.infer))
     post("/v1/classify", routes.observed("http_classify", routes.classify_picture))
+    post("/v1/read", routes.observed("http_read", routes.read_picture))
     return app
 
 
 Route = Callable[[Call, web.Request], Awaitable[dict[str, Any] | list[Any]]]
+T = TypeVar("T")
 
 
 class _Routes:
@@ -181,19 +184,7 @@ class _Routes:
         }
 
     async def classify_picture(self, call: Call, request: web.Request) -> dict[str, Any]:
-        name, data = await _upload(request)
-        asked = request.query.get("model", ""), request.query.get("model_version", "")
-        self._plane.resolve(*asked)  # an unknown model is refused before decoding
-        if self._decodes.locked():
-            raise Overloaded(
-                f"{MAX_CONCURRENT_DECODES} pictures are being decoded already; retry after a "
-                "back-off"
-            )
-        async with self._decodes:
-            try:
-                pixels = await asyncio.to_thread(to_mnist, data, name, MAX_DECODED_BYTES)
-            except ImageError as exc:
-                raise InvalidInput(str(exc)) from None
+        name, asked, pixels = await self._decoded(request, to_mnist)
         # Chosen only now: a version retired during the decode is never handed the picture.
         served = self._plane.choose(call, *asked)
         result = await self._plane.classify(
@@ -206,6 +197,53 @@ class _Routes:
             "model_version": result.version,
             "pixels": [round(float(v), 3) for v in pixels],
         }
+
+    async def read_picture(self, call: Call, request: web.Request) -> dict[str, Any]:
+        """A picture of a number: its digits found left to right, classified in one run."""
+        name, asked, pieces = await self._decoded(request, find_digits)
+        served = self._plane.choose(call, *asked)
+        answers: list[dict[str, Any]] = []
+        version = served.version
+        if pieces:
+            stacked = np.stack([piece.pixels for piece in pieces])
+            result = await self._plane.classify(served, stacked, REQUEST_TIMEOUT_S)
+            version = result.version
+            answers = [
+                {
+                    "box": list(piece.box),
+                    **_prediction_json(served, result, row),
+                    "pixels": [round(float(v), 3) for v in piece.pixels],
+                }
+                for row, piece in enumerate(pieces)
+            ]
+        digits = [a for a in answers if a.get("is_digit", True)]
+        return {
+            "name": name,
+            "text": "".join(a["label"] for a in digits),
+            "digits": digits,
+            "dropped": [a for a in answers if not a.get("is_digit", True)],
+            "labels": list(served.labels),
+            "model_version": version,
+        }
+
+    async def _decoded(
+        self, request: web.Request, decode: Callable[[bytes, str, int], T]
+    ) -> tuple[str, tuple[str, str], T]:
+        """(file name, (model, version) asked for, `decode`(picture)): decoded off the event
+        loop, at most MAX_CONCURRENT_DECODES at once (429 past that)."""
+        name, data = await _upload(request)
+        asked = request.query.get("model", ""), request.query.get("model_version", "")
+        self._plane.resolve(*asked)  # an unknown model is refused before decoding
+        if self._decodes.locked():
+            raise Overloaded(
+                f"{MAX_CONCURRENT_DECODES} pictures are being decoded already; retry after a "
+                "back-off"
+            )
+        async with self._decodes:
+            try:
+                return name, asked, await asyncio.to_thread(decode, data, name, MAX_DECODED_BYTES)
+            except ImageError as exc:
+                raise InvalidInput(str(exc)) from None
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:

@@ -72,7 +72,7 @@ def build_head(classifier: keras.Model) -> keras.Model:
     # bowls, crossings) that a dense layer on 784 pixels found poorly (held-out typed
     # letters: 65% rejected with a 128-unit dense branch, 88% with this, same threshold).
     own = keras.layers.Reshape((28, 28, 1), name="detector_image")(pixels)
-    for filters in (8, 16):
+    for filters in (16, 32):
         own = keras.layers.Conv2D(filters, 3, activation="relu", name=f"detector_conv{filters}")(
             own
         )
@@ -153,7 +153,7 @@ def train_detector(
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
     )
     head.fit(
-        x, y, batch_size=256, epochs=12, verbose=0, shuffle=True,
+        x, y, batch_size=256, epochs=15, verbose=0, shuffle=True,
         class_weight={0: 0.5 / (1 - positives), 1: 0.5 / positives},
     )  # fmt: skip
     held_x, held_y = _stack(held)

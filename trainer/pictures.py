@@ -207,12 +207,12 @@ def piece_of(digit: np.ndarray, rng: Rng) -> Image.Image:
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     height, width = bottom - top, right - left
     if rng.random() < 0.5:  # a horizontal slice
-        keep = max(3, int(height * rng.uniform(0.3, 0.6)))
+        keep = min(height, max(3, int(height * rng.uniform(0.3, 0.6))))
         start = top + int(rng.integers(0, height - keep + 1))
         part = digit.copy()
         part[:start], part[start + keep :] = 0, 0
     else:  # a vertical slice
-        keep = max(3, int(width * rng.uniform(0.35, 0.6)))
+        keep = min(width, max(3, int(width * rng.uniform(0.35, 0.6))))
         start = left + int(rng.integers(0, width - keep + 1))
         part = digit.copy()
         part[:, :start], part[:, start + keep :] = 0, 0
@@ -284,6 +284,7 @@ def _draw_set(
 
     draw: dict[str, tuple[bool, Callable[[Rng], Image.Image]]] = {
         "photos of digits": (True, lambda r: photo_of(digit_image(), r)),
+        "low-resolution digits": (True, lambda r: low_resolution(digit_image(), r)),
         "typed digits": (True, typed_from(string.digits)),
         "typed letters and symbols": (False, typed_from(NON_DIGIT_GLYPHS)),
         "scribbles": (False, scribble),
@@ -291,12 +292,37 @@ def _draw_set(
         "pieces of digits": (False, lambda r: piece_of(digit_image(), r)),
         "pairs of digits": (False, lambda r: pair_of(digit_image(), digit_image(), r)),
     }
+    if kind == "digits read from numbers":
+        return _read_pieces(kind, count, digits, rng)
     is_digit, make = draw[kind]
     return as_inputs(kind, is_digit, (make(rng) for _ in range(count)))
 
 
+def low_resolution(digit: np.ndarray, rng: Rng) -> Image.Image:
+    """A digit from a coarse source (a small scan, an 8x8 thumbnail) blown up again."""
+    side = int(rng.integers(7, 13))
+    coarse = Image.fromarray(digit).resize((side, side), Image.Resampling.BOX)
+    return photo_of(np.asarray(coarse.resize((28, 28), Image.Resampling.BICUBIC)), rng)
+
+
+def _read_pieces(kind: str, count: int, digits: np.ndarray, rng: Rng) -> PictureSet:
+    """Digits as the number reader cuts them out of written numbers: neighbours' stroke ends,
+    cut edges and all. Only numbers cut into the right count of pieces are used."""
+    from digit_recognizer.client.reading import find_digits
+
+    rows: list[np.ndarray] = []
+    while len(rows) < count:
+        chosen = [digits[rng.integers(len(digits))] for _ in range(int(rng.integers(2, 5)))]
+        pieces = find_digits(number_of(chosen, rng))
+        if len(pieces) == len(chosen):
+            rows.extend(p.pixels for p in pieces)
+    return PictureSet(kind, True, np.stack(rows[:count]).astype(np.float32), 0)
+
+
 KINDS = (  # (kind, share of `count`)
     ("photos of digits", 1.0),
+    ("low-resolution digits", 1.0),
+    ("digits read from numbers", 1.0),
     ("typed digits", 1.0),
     ("typed letters and symbols", 1.0),
     ("scribbles", 1.0),

@@ -1,0 +1,219 @@
+"""Not a digit, and whole numbers: the detector's output through every front, and the reader
+on pictures the tests draw (blank page, one digit, touching digits, a broken stroke, a letter
+among digits)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageDraw, ImageFont
+
+from digit_recognizer.client import AsyncDigitClient, find_digits
+from digit_recognizer.client.cli import main as client_main
+from digit_recognizer.protos import digits_pb2, digits_pb2_grpc, inference_pb2_grpc
+from digit_recognizer.protos import inference_pb2 as v2
+from digit_recognizer.protos.contract import SCORE_NAME, ModelCard
+from digit_recognizer.server import metrics
+from digit_recognizer.trainer import pictures as drawn
+from digit_recognizer.trainer.data import load_dataset
+
+from onnx_models import one_hot_image
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return load_dataset(mnist_dir)
+
+
+def digit_of(mnist, label: int, nth: int = 0) -> np.ndarray:
+    return mnist.x_test[np.flatnonzero(mnist.y_test == label)[nth]]
+
+
+def number(mnist, labels: list[int], gap: int) -> Image.Image:
+    """MNIST test digits side by side on white paper, `gap` pixels apart at 28-pixel scale
+    (MNIST frames hold ~4 px of margin each side: -8 makes the digits touch)."""
+    width = 28 * len(labels) + gap * (len(labels) - 1)
+    canvas = np.zeros((28, width), np.uint8)
+    for i, label in enumerate(labels):
+        x = i * (28 + gap)
+        canvas[:, x : x + 28] = np.maximum(canvas[:, x : x + 28], digit_of(mnist, label))
+    big = Image.fromarray(255 - canvas).resize((width * 5, 140), Image.Resampling.BICUBIC)
+    paper = Image.new("L", (big.width + 80, 220), 255)
+    paper.paste(big, (40, 40))
+    return paper
+
+
+def test_a_blank_page_has_no_digits():
+    assert find_digits(Image.new("L", (300, 200), 250)) == []
+
+
+def test_one_digit_is_one_piece(mnist):
+    (piece,) = find_digits(number(mnist, [7], 0))
+    left, top, right, bottom = piece.box
+    assert 40 <= left < right <= 180 and 40 <= top < bottom <= 180
+    assert piece.pixels.shape == (784,) and piece.pixels.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("gap", [6, 0, -8])
+def test_digits_are_found_left_to_right_even_touching(mnist, gap):
+    pieces = find_digits(number(mnist, [2, 0, 2, 6], gap))
+    assert len(pieces) == 4
+    lefts = [p.box[0] for p in pieces]
+    assert lefts == sorted(lefts)
+
+
+def test_a_digit_with_a_broken_stroke_is_one_piece():
+    """A 5 whose bar was drawn apart from its body: two pieces of ink, one digit."""
+    paper = Image.new("L", (260, 260), 255)
+    draw = ImageDraw.Draw(paper)
+    draw.line([(90, 50), (180, 50)], fill=0, width=14)  # the bar, not touching the body
+    draw.line([(92, 68), (88, 120)], fill=0, width=14)
+    draw.arc([(70, 100), (190, 210)], start=200, end=160, fill=0, width=14)
+    assert len(find_digits(paper)) == 1
+
+
+def letter_among_digits(mnist) -> Image.Image:
+    """3, a big typed W (Pillow's own font: the same on every machine), 7."""
+    paper = number(mnist, [3, 0, 7], 10)
+    middle = Image.new("L", (140, 140), 255)
+    ImageDraw.Draw(middle).text((10, 0), "W", fill=0, font=ImageFont.load_default(size=120))
+    paper.paste(Image.new("L", (140, 140), 255), (40 + 38 * 5, 40))
+    paper.paste(middle, (40 + 38 * 5, 40))
+    return paper
+
+
+def test_the_trained_model_has_a_calibrated_detector_beside_the_unchanged_classifier(
+    trained_model,
+):
+    session = ort.InferenceSession(str(trained_model), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    assert {o.name for o in session.get_outputs()} == {"probabilities", SCORE_NAME}
+    assert 0 < card.digit_threshold < 1 and card.detector["calibration"]["method"] == "platt"
+    kept = [v for v in card.detector["validation"].values() if v["is_digit"]]
+    assert all(v["share_right"] >= 0.95 for v in kept), card.detector["validation"]
+    pixels = np.stack([one_hot_image(3), np.zeros(784, np.float32)])
+    probabilities, scores = session.run(["probabilities", SCORE_NAME], {"pixels": pixels})
+    assert probabilities.shape == (2, 10) and scores.shape == (2,)
+    assert scores[1] < card.digit_threshold  # a blank input is not a digit
+
+
+async def test_every_front_says_whether_it_is_a_digit(start_server, trained_model, mnist):
+    server = await start_server(trained_model, http_port=0)
+    digit = (digit_of(mnist, 4) / 255.0).astype(np.float32).reshape(1, 784)
+    blank = np.zeros((1, 784), np.float32)
+    both = np.concatenate([digit, blank])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        reply = await digits_pb2_grpc.DigitClassifierStub(channel).Classify(
+            digits_pb2.ClassifyRequest(pixels_f32le=both.tobytes())
+        )
+        first, second = reply.predictions
+        assert first.is_digit and first.digit == 4 and first.digit_score > second.digit_score
+        assert second.HasField("is_digit") and not second.is_digit
+        v2_stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        meta = await v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="digits-mlp"))
+        assert [(o.name, o.datatype) for o in meta.outputs] == [
+            ("probabilities", "FP32"), (SCORE_NAME, "FP32"), ("is_digit", "BOOL"),
+        ]  # fmt: skip
+        tensor = v2.ModelInferRequest.InferInputTensor(
+            name="pixels", datatype="FP32", shape=[2, 784]
+        )
+        request = v2.ModelInferRequest(
+            model_name="digits-mlp",
+            inputs=[tensor],
+            outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(name="is_digit")],
+            raw_input_contents=[both.tobytes()],
+        )  # fmt: skip
+        inferred = await v2_stub.ModelInfer(request)
+        assert [(o.name, o.datatype, list(o.shape)) for o in inferred.outputs] == [
+            ("is_digit", "BOOL", [2])
+        ]
+        assert list(inferred.raw_output_contents[0]) == [1, 0]
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http:
+        body = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [2, 784],
+                            "data": both.tolist()}]}  # fmt: skip
+        outputs = (await (await http.post("/v2/models/digits-mlp/infer", json=body)).json())[
+            "outputs"
+        ]
+        assert [o["name"] for o in outputs] == ["probabilities", SCORE_NAME, "is_digit"]
+        assert outputs[2]["data"] == [True, False]
+
+
+async def test_reading_a_number_is_one_request_and_leaves_out_what_is_not_a_digit(
+    start_server, trained_model, mnist
+):
+    server = await start_server(trained_model, http_port=0)
+    calls = metrics.request_series("Classify", "OK", "digits-mlp", "7")[0]
+    before = calls._value.get()
+    async with AsyncDigitClient(f"127.0.0.1:{server.port}") as client:
+        reading = await client.read(number(mnist, [2, 0, 2, 6], 4))
+        assert reading.text == "2026" and len(reading.digits) == 4 and not reading.dropped
+        assert calls._value.get() - before == 1  # four digits, one Classify request
+        mixed = await client.read(letter_among_digits(mnist))
+    assert mixed.text == "37" and len(mixed.dropped) == 1, mixed.to_dict()
+    assert mixed.dropped[0].prediction.is_digit is False
+    picture = tmp_png(letter_among_digits(mnist))
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http:
+        form = aiohttp.FormData()
+        form.add_field("file", picture, filename="mixed.png", content_type="image/png")
+        read = await (await http.post("/v1/read", data=form)).json()
+    assert read["text"] == "37" and len(read["digits"]) == 2 and len(read["dropped"]) == 1
+    assert read["digits"][0]["box"][0] < read["digits"][1]["box"][0]
+    assert read["dropped"][0]["is_digit"] is False and len(read["digits"][0]["pixels"]) == 784
+
+
+def tmp_png(picture: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_the_cli_reads_numbers_and_says_not_a_digit(
+    start_server, trained_model, mnist, tmp_path
+):
+    server = await start_server(trained_model)
+    target = f"127.0.0.1:{server.port}"
+    number(mnist, [4, 2], 6).save(tmp_path / "forty-two.png")
+    Image.new("L", (200, 200), 250).save(tmp_path / "blank.png")
+    scribble = drawn.scribble(np.random.default_rng(3))
+    scribble.save(tmp_path / "scribble.png")
+
+    def cli(*args: str):
+        return CliRunner().invoke(client_main, [*args, "--target", target])
+
+    read = await asyncio.to_thread(
+        cli, "read", str(tmp_path / "forty-two.png"), str(tmp_path / "blank.png")
+    )
+    assert read.exit_code == 0, read.output
+    assert read.output.splitlines() == [
+        f"{tmp_path / 'forty-two.png'}: 42",
+        f"{tmp_path / 'blank.png'}: no digits found",
+    ]
+    as_json = await asyncio.to_thread(cli, "read", "--json", str(tmp_path / "forty-two.png"))
+    record = json.loads(as_json.output)
+    assert record["text"] == "42" and record["path"] == str(tmp_path / "forty-two.png")
+    assert set(record["digits"][0]) >= {"box", "digit", "confidence", "is_digit", "digit_score"}
+    classified = await asyncio.to_thread(cli, "classify", "--json", str(tmp_path / "scribble.png"))
+    verdict = json.loads(classified.output)
+    assert verdict["is_digit"] is False and 0 <= verdict["digit_score"] < 1
+    text = await asyncio.to_thread(cli, "classify", str(tmp_path / "scribble.png"))
+    assert text.output.startswith(f"{tmp_path / 'scribble.png'}: not a digit (score 0.")
+
+
+def test_pictures_for_the_detector_go_through_the_clients_recipe(mnist):
+    fonts, held = drawn.split_fonts(drawn.system_fonts())
+    assert None in fonts and held and not set(fonts) & set(held)  # held-out fonts stay apart
+    assert not drawn.LOOK_ALIKES & set(drawn.NON_DIGIT_GLYPHS)
+    sets = drawn.detector_sets(mnist.x_train[:500], fonts, 0, 12, workers=1)
+    assert {s.name for s in sets} == {kind for kind, _ in drawn.KINDS}
+    for picture_set in sets:
+        assert picture_set.pixels.shape[1] == 784
+        assert picture_set.pixels.min() >= 0 and picture_set.pixels.max() <= 1
