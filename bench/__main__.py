@@ -92,7 +92,8 @@ def samples_file(out: Path, data_dir: str | None, model: Model) -> Path:
         raise click.ClickException(str(exc)) from None
     path = out / "samples.npz"
     images = to_model_inputs(dataset.x_test[:1024])
-    np.savez(path, images=images, expected=model.predict(images).argmax(axis=1))
+    probabilities = model.predict(images)[:, : model.num_classes]  # then the digit score
+    np.savez(path, images=images, expected=probabilities.argmax(axis=1))
     return path
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from bench.floor import fixed_reply
 from digit_recognizer.protos import digits_pb2
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import metrics, rpc
 from digit_recognizer.server.app import start_server
 from digit_recognizer.server.config import ServerConfig
@@ -61,7 +62,7 @@ async def measure(model: Path, calls: int) -> dict[str, float]:
         plane = running.plane
         service = DigitClassifierService(plane)
         served = plane.resolve()
-        image = np.zeros((1, 784), np.float32)
+        image = np.zeros((1, PIXELS_PER_IMAGE), np.float32)
         image[0, 300:310] = 1.0
         request = digits_pb2.ClassifyRequest(pixels_f32le=image.tobytes())
         wire = request.SerializeToString()

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from scipy.optimize import minimize
 
-from digit_recognizer.protos.contract import OUTPUT_NAME, SCORE_NAME
+from digit_recognizer.protos.contract import OUTPUT_NAME, PIXELS_PER_IMAGE, SCORE_NAME
 from digit_recognizer.trainer.data import Dataset, to_model_inputs
 from digit_recognizer.trainer.pictures import (
     PictureSet,
@@ -90,10 +90,11 @@ def _pixel_space_sets(
 ) -> list[PictureSet]:
     """What API callers send without the client: MNIST digits as they are, and inputs that
     are not digits at all (blank, noise, inverted digits)."""
-    chosen = x_train[rng.choice(len(x_train), count, replace=False)]
+    chosen = x_train[rng.choice(len(x_train), min(count, len(x_train)), replace=False)]
     digits = to_model_inputs(chosen)
-    blank = rng.uniform(0, 0.05, (count // 8, 784)) * (rng.random((count // 8, 1)) < 0.5)
-    noise = rng.random((count // 4, 784)) ** rng.uniform(1, 6, (count // 4, 1))
+    blank = rng.uniform(0, 0.05, (count // 8, PIXELS_PER_IMAGE))
+    blank *= rng.random((count // 8, 1)) < 0.5  # half of them all zeros
+    noise = rng.random((count // 4, PIXELS_PER_IMAGE)) ** rng.uniform(1, 6, (count // 4, 1))
     inverted = 1.0 - digits[: count // 4]
     return [
         PictureSet("MNIST digits", True, digits, 0),

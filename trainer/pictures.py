@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
+from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 
 FONT_DIRS = (
     "/usr/share/fonts",
@@ -266,7 +267,9 @@ def as_inputs(name: str, is_digit: bool, pictures: Iterator[Image.Image]) -> Pic
             rows.append(to_mnist(picture))
         except ImageError:
             unreadable += 1
-    pixels = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 784), np.float32)
+    pixels = (
+        np.stack(rows).astype(np.float32) if rows else np.zeros((0, PIXELS_PER_IMAGE), np.float32)
+    )
     return PictureSet(name, is_digit, pixels, unreadable)
 
 
