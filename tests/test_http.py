@@ -118,6 +118,7 @@ async def test_the_page_is_served(http):
     reply = await http.get("/")
     text = await reply.text()
     assert reply.status == 200 and "<canvas" in text and "v1/classify" in text
+    assert "v1/read" in text and "doesn't look like a digit" in text  # photos of numbers
 
 
 async def test_draining_is_not_ready_but_still_serves(start_server, tiny_model_path):
