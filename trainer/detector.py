@@ -1,7 +1,8 @@
 """The not-a-digit detector: a small head beside the classifier, trained on made-up pictures.
 
 The classifier is never touched (its layers are frozen and its weights hash is taken before);
-the head reads the pixels (through two small convolutions), the classifier's last hidden
+the head reads the pixels (through two small convolutions, 8 and 16 filters), the
+classifier's last hidden
 layer and its probabilities, and
 says how much the input looks like one digit. Its logit is calibrated on held-out pictures
 (Platt scaling: score = sigmoid(a * logit + b)), and the threshold is the score that keeps
@@ -71,8 +72,9 @@ def build_head(classifier: keras.Model) -> keras.Model:
     # A small convolutional branch: letters differ from digits in local shapes (serifs,
     # bowls, crossings) that a dense layer on 784 pixels found poorly (held-out typed
     # letters: 65% rejected with a 128-unit dense branch, 88% with this, same threshold).
+    # 8 and 16 filters: 16 and 32 rejected as much and cost 2.1x the bulk throughput.
     own = keras.layers.Reshape((28, 28, 1), name="detector_image")(pixels)
-    for filters in (16, 32):
+    for filters in (8, 16):
         own = keras.layers.Conv2D(filters, 3, activation="relu", name=f"detector_conv{filters}")(
             own
         )
