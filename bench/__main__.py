@@ -19,7 +19,7 @@ import click
 import numpy as np
 from rich.console import Console
 
-from bench import report, servers
+from bench import model_option, report, servers
 from bench.measure import Measurement, Workload, measure
 from bench.venvs import VenvError, peer_python
 from digit_recognizer.server.cpus import available_cpus
@@ -164,13 +164,7 @@ def group(workload: Workload) -> tuple[str, int, int, str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default="models/model.onnx",
-    show_default=True,
-    help="the exported ONNX model",
-)
+@model_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

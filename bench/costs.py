@@ -20,6 +20,7 @@ from typing import Any
 import click
 import numpy as np
 
+from bench import model_option
 from bench.floor import fixed_reply
 from digit_recognizer.protos import digits_pb2
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
@@ -123,12 +124,7 @@ async def measure(model: Path, calls: int) -> dict[str, float]:
 
 
 @click.command()
-@click.option(
-    "--model",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default="models/model.onnx",
-    show_default=True,
-)
+@model_option
 @click.option("--calls", type=int, default=3000, show_default=True, help="calls per round")
 @click.option("--json", "as_json", is_flag=True)
 def main(model: Path, calls: int, as_json: bool) -> None:

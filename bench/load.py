@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from digit_recognizer.client.images import quantized
 from digit_recognizer.protos import digits_pb2, inference_pb2
 
 CALLS = ("classify", "stream", "infer")
@@ -66,7 +67,7 @@ def sample_images(samples: str, count: int) -> tuple[np.ndarray, list[int]]:
 
 def build_request(load: Load, images: np.ndarray) -> bytes:
     u8 = load.encoding == "u8"  # the samples are MNIST's own 8-bit values / 255: exact
-    raw = np.rint(images * 255).astype(np.uint8).tobytes() if u8 else images.astype("<f4").tobytes()
+    raw = quantized(images).tobytes() if u8 else images.astype("<f4").tobytes()
     if load.call == "infer":
         request = inference_pb2.ModelInferRequest(
             model_name=load.model_name,

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench import servers
+from bench import model_option, servers
 from bench.measure import Workload, measure
 
 
@@ -55,12 +55,7 @@ def own_share(raw: Path, markers: tuple[str, ...] = ("server/", "onnxruntime/"))
 
 
 @click.command()
-@click.option(
-    "--model",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default="models/model.onnx",
-    show_default=True,
-)
+@model_option
 @click.option(
     "--samples",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),

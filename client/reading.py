@@ -151,9 +151,12 @@ def find_digits(
     height = float(np.median([b.height for b in boxes]))
     pieces = []
     for box in boxes:
-        own = np.where(np.isin(labelled, list(box.labels)), ink, 0.0)
-        for left, right in _cuts(own[box.top : box.bottom, box.left : box.right], height):
-            crop = own[box.top : box.bottom, box.left + left : box.left + right]
+        # The box's own ink only (a neighbour's stroke may reach into it), within the box:
+        # masking the whole picture per box would cost a full pass each.
+        window = (slice(box.top, box.bottom), slice(box.left, box.right))
+        own = np.where(np.isin(labelled[window], list(box.labels)), ink[window], 0.0)
+        for left, right in _cuts(own, height):
+            crop = own[:, left:right]
             if not crop.any():
                 continue
             rows = np.flatnonzero(crop.any(axis=1))

@@ -12,7 +12,7 @@ from digit_recognizer.server.cpus import available_cpus
 _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
 
 
-def _workers(value: str | int) -> int:
+def _workers(_ctx: click.Context, _param: click.Parameter, value: str | int) -> int:
     if value == "auto":
         return available_cpus()
     try:
@@ -140,7 +140,7 @@ def _workers(value: str | int) -> int:
     default="auto",
     show_default=True,
     show_envvar=True,
-    callback=lambda _ctx, _param, value: _workers(value),
+    callback=_workers,
     help="Server processes sharing the port (SO_REUSEPORT). auto: one per CPU this process may "
     "use (its affinity mask, capped by a cgroup CPU quota such as a Kubernetes limit).",
 )

@@ -338,10 +338,11 @@ KINDS = (  # (kind, share of `count`)
 def detector_sets(
     digits: np.ndarray, fonts: list[Font], seed: int, count: int, workers: int | None = None
 ) -> list[PictureSet]:
-    """Digits (photos of MNIST digits, typed digits) and non-digits (typed letters and
-    symbols, scribbles, textures, pieces and pairs of digits): `count` pictures of most kinds,
-    half that of the last three, drawn from `digits` (uint8 (N, 28, 28)) and `fonts`. The
-    kinds are drawn in parallel processes, each with its own seed."""
+    """Every kind in KINDS (digits: photos of MNIST digits, low-resolution digits, digits cut
+    out of numbers, typed digits; non-digits: typed letters and symbols, scribbles, textures,
+    pieces and pairs of digits), `count` times its share, drawn from `digits` (uint8
+    (N, 28, 28)) and `fonts`. The kinds are drawn in parallel processes, each with its own
+    seed."""
     import concurrent.futures
     import multiprocessing
 
