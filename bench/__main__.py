@@ -111,9 +111,9 @@ def make_server(key: str, model: Path, name: str, port: int, work: Path) -> serv
             "digit-server --workers 1 --max-batch-size 1", model, name, port, *flags
         )
     if key.startswith("workers-"):
-        workers = key.split("-")[1]
+        count = key.split("-")[1]
         return servers.ours(
-            f"digit-server --workers {workers}", model, name, port, "--workers", workers
+            f"digit-server --workers {count}", model, name, port, "--workers", count
         )
     peer = key.split("-")[0]
     python = peer_python(peer, *PEER_REQUIREMENTS[peer])

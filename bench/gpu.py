@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -31,7 +32,7 @@ from digit_recognizer.server.cpus import available_cpus
 BATCH = 256
 
 
-def _rate(run: callable, seconds: float) -> float:
+def _rate(run: Callable[[], object], seconds: float) -> float:
     for _ in range(5):
         run()
     done, started = 0, time.perf_counter()
@@ -136,9 +137,16 @@ def main(
     record["runs"] = [
         run
         for entry in matrix
-        for run in through_server(model, samples, *entry.split(":"), seconds, logs, bulk_callers)
+        for run in through_server(
+            model, samples, *_provider_and_workers(entry), seconds, logs, bulk_callers
+        )
     ]
     click.echo(json.dumps(record, indent=1))
+
+
+def _provider_and_workers(entry: str) -> tuple[str, str]:
+    provider, _, workers = entry.partition(":")
+    return provider, workers
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ the same models, queues, limits, metrics and error mapping through the data plan
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import numpy as np
 
@@ -19,7 +21,7 @@ from digit_recognizer.server.validation import invalid
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = SERVICE.full_name
 _LITTLE_ENDIAN_F32 = np.dtype("<f4")
-_RAW_DTYPES = {oi.FP32: _LITTLE_ENDIAN_F32, oi.UINT8: np.dtype(np.uint8)}
+_RAW_DTYPES: dict[str, np.dtype[Any]] = {oi.FP32: _LITTLE_ENDIAN_F32, oi.UINT8: np.dtype(np.uint8)}
 _Tensor = inference_pb2.ModelMetadataResponse.TensorMetadata
 
 

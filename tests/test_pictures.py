@@ -166,6 +166,11 @@ async def test_reading_a_number_is_one_request_and_leaves_out_what_is_not_a_digi
     assert read["text"] == "37" and len(read["digits"]) == 2 and len(read["dropped"]) == 1
     assert read["digits"][0]["box"][0] < read["digits"][1]["box"][0]
     assert read["dropped"][0]["is_digit"] is False and len(read["digits"][0]["pixels"]) == 784
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http:
+        garbage = await http.post("/v1/read", data=b"not a picture")
+        blank = await http.post("/v1/read", data=tmp_png(Image.new("L", (300, 200), 250)))
+        assert garbage.status == 400 and "not an image" in (await garbage.json())["error"]
+        assert blank.status == 200 and (await blank.json())["text"] == ""
 
 
 def tmp_png(picture: Image.Image) -> bytes:

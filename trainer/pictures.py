@@ -89,15 +89,15 @@ def _finish(picture: Image.Image, rng: Rng) -> Image.Image:
         picture = picture.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
     pixels = np.asarray(picture, np.float32)
     light = np.linspace(rng.uniform(-20, 0), rng.uniform(0, 20), pixels.shape[1])[None, :]
-    pixels = pixels + light + rng.normal(0, rng.uniform(1, 8), pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    noisy = pixels + light + rng.normal(0, rng.uniform(1, 8), pixels.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def typed(text: str, font: Font, rng: Rng) -> Image.Image:
     """`text` printed in `font` at a random size, weight and slant."""
     size = int(rng.integers(40, 110))
     face = _font(font, size)
-    left, top, right, bottom = face.getbbox(text)
+    left, top, right, bottom = (int(edge) for edge in face.getbbox(text))
     margin = int(rng.integers(size // 4, size))
     canvas = _paper(right - left + 2 * margin, bottom - top + 2 * margin, rng)
     ink = int(rng.integers(0, 90))
