@@ -50,7 +50,7 @@ class Prediction(_message.Message):
     top: _containers.RepeatedCompositeFieldContainer[Candidate]
     is_digit: bool
     digit_score: float
-    def __init__(self, digit: _Optional[int] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., is_digit: _Optional[bool] = ..., digit_score: _Optional[float] = ...) -> None: ...
+    def __init__(self, digit: _Optional[int] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., is_digit: bool = ..., digit_score: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("batch_size", "batches", "queue_us", "compute_us")

@@ -5,7 +5,7 @@ import warnings
 
 from digit_recognizer.protos import digits_pb2 as digit__recognizer_dot_protos_dot_digits__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.74.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in digit_recognizer/protos/digits_pb2_grpc.py depends on'
+        + f' but the generated code in digit_recognizer/protos/digits_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class DigitClassifierStub:
+class DigitClassifierStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class DigitClassifierStub:
                 _registered_method=True)
 
 
-class DigitClassifierServicer:
+class DigitClassifierServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
@@ -120,7 +120,7 @@ def add_DigitClassifierServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class DigitClassifier:
+class DigitClassifier(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
