@@ -30,8 +30,11 @@ RUN pip install ${PIP_ARGS} ".[${SERVER_EXTRA}]" && rm -rf /src /tmp/wheels
 WORKDIR /home/app
 USER app
 # Settings come from DIGITS_* variables (compose and Kubernetes override them) or flags.
-ENV DIGITS_MODEL=/models/model.onnx DIGITS_HOST=0.0.0.0 DIGITS_METRICS_HOST=0.0.0.0
+ENV DIGITS_MODEL=/models/model.onnx DIGITS_HOST=0.0.0.0 DIGITS_METRICS_HOST=0.0.0.0 \
+    DIGITS_HTTP_PORT=8080
 EXPOSE 50051 8080 8002
+# Reads the server's DIGITS_* settings: GET /v2/health/ready, a few hundredths of a CPU-second.
+HEALTHCHECK --interval=5s --timeout=3s --start-period=30s --retries=3 CMD ["digit-probe"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["digit-server"]
 

@@ -8,8 +8,11 @@ BIN := $(VENV)/bin
 MODEL ?= models/model.onnx
 # MNIST: digit-train looks at --data-dir, $MNIST_DATA_DIR, ../shared/mnist, then downloads.
 PYTEST_ARGS ?=
-# Local runs serve plaintext on purpose; see README "Operations" for TLS and tokens.
-SERVE_ARGS ?= --plaintext --http-port 8080
+# Local runs serve plaintext on purpose; see docs/operations.md for TLS and tokens.
+# Ports taken? `make run PORT=6000 HTTP_PORT=8081`.
+PORT ?= 50051
+HTTP_PORT ?= 8080
+SERVE_ARGS ?= --plaintext --port $(PORT) --http-port $(HTTP_PORT)
 
 .PHONY: run serve test setup train train-best lint protos bench docker-test soak browser-test clean
 
@@ -42,7 +45,7 @@ docker-test: setup
 	scripts/docker_smoke.sh
 
 # ~20 min: this server vs its onnxruntime ceiling, a bare grpc.aio floor, KServe, MLServer and
-# Triton (each installed once into ~/.cache/digit-recognizer/peer-*). README "Performance".
+# Triton (each installed once into ~/.cache/digit-recognizer/peer-*). docs/performance.md.
 bench: $(MODEL)
 	$(BIN)/python -m bench --model $(MODEL) --out reports/bench $(BENCH_ARGS)
 

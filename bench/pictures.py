@@ -102,7 +102,7 @@ def main(model: Path, data_dir: str | None, count: int, seed: int, out: Path | N
     """Digits kept and non-digits rejected, and numbers read, by a server with MODEL."""
     rng = np.random.default_rng(seed)
     dataset = load_dataset(resolve_data_dir(data_dir))
-    _, held_fonts = drawn.split_fonts(drawn.system_fonts())
+    _, held_fonts = drawn.split_fonts(drawn.package_fonts())
     x_test, y_test = dataset.x_test, dataset.y_test
 
     def some(draw, n: int = count) -> list[Image.Image]:  # noqa: ANN001

@@ -1,5 +1,5 @@
 """What grpc.aio's server.stop(grace) does to calls: the experiment behind the drain order
-(README "Operations"). Runs in ~10 s: `.venv/bin/python scripts/grpc_shutdown_experiment.py`.
+(docs/operations.md). Runs in ~10 s: `.venv/bin/python scripts/grpc_shutdown_experiment.py`.
 
 A. Calls that reached the server but that the application has not picked up yet (its loop is
    busy) when stop(10) is called: CANCELLED at once, whatever the grace (grpc/grpc#41785).

@@ -9,7 +9,7 @@ through errors.py to one `Status` that each front turns into its own wire error.
 Draining serves: a call that reaches a draining server is computed like any other, because
 refusing it (fast) is what made round-robin clients send a draining replica ever more
 traffic. The server leaves once calls have stopped arriving for a quiet window and all
-accepted work is done, or when the grace period ends (app.py, README "Operations").
+accepted work is done, or when the grace period ends (app.py, docs/operations.md).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class InferenceOptions:
     # Spinning threads shave microseconds off each run but burn the cores the gRPC layer
     # needs: measured on 2 cores, off gave +25% requests/s for single images, -9% images/s
     # for 256-image requests; with short runs on the loop thread, spinning showed no bulk gain
-    # beyond noise and -8% at 64 single-image callers (README, "Performance").
+    # beyond noise and -8% at 64 single-image callers (docs/performance.md).
     spin_wait: bool = False
     # onnxruntime's CUDA provider multiplies in TF32 by default: measured on an H100,
     # max |p_cuda - p_cpu| 6.6e-4 with it, 1.1e-6 without, while exports are verified to 1e-5.

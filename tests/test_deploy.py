@@ -49,7 +49,7 @@ def test_compose_wiring():
     spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     server, trainer = spec["services"]["server"], spec["services"]["trainer"]
     assert server["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
-    assert "digit-client" in server["healthcheck"]["test"]
+    assert server["healthcheck"]["test"] == ["CMD", "digit-probe"]  # not the whole CLI
     assert server["build"]["target"] == "server" and trainer["build"]["target"] == "trainer"
     assert all(port.startswith("127.0.0.1:") for port in server["ports"])
 

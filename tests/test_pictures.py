@@ -98,6 +98,10 @@ def test_the_trained_model_has_a_calibrated_detector_beside_the_unchanged_classi
     assert 0 < card.digit_threshold < 1 and card.detector["calibration"]["method"] == "platt"
     kept = [v for v in card.detector["validation"].values() if v["is_digit"]]
     assert all(v["share_right"] >= 0.95 for v in kept), card.detector["validation"]
+    # The faces come from the install, not the machine: the trainer image draws the same ones.
+    fonts, _ = drawn.split_fonts(drawn.package_fonts())
+    assert card.detector["fonts"] == drawn.font_names(fonts)
+    assert len(fonts) > 15 and "DejaVuSans.ttf" in card.detector["fonts"]
     pixels = np.stack([one_hot_image(3), np.zeros(784, np.float32)])
     probabilities, scores = session.run(["probabilities", SCORE_NAME], {"pixels": pixels})
     assert probabilities.shape == (2, 10) and scores.shape == (2,)
@@ -214,7 +218,7 @@ async def test_the_cli_reads_numbers_and_says_not_a_digit(
 
 
 def test_pictures_for_the_detector_go_through_the_clients_recipe(mnist):
-    fonts, held = drawn.split_fonts(drawn.system_fonts())
+    fonts, held = drawn.split_fonts(drawn.package_fonts())
     assert None in fonts and held and not set(fonts) & set(held)  # held-out fonts stay apart
     assert not drawn.LOOK_ALIKES & set(drawn.NON_DIGIT_GLYPHS)
     sets = drawn.detector_sets(mnist.x_train[:500], fonts, 0, 12, workers=1)

@@ -1,5 +1,5 @@
 """Restarts fail no call: a draining server serves what reaches it, tells health-checking
-clients to go elsewhere at once, and leaves when the calls have stopped (README "Operations")."""
+clients to go elsewhere at once, and leaves when the calls have stopped (docs/operations.md)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class TrainConfig:
 
 NOTEBOOK = TrainConfig()
 
-# Measured on the 2-core CI machine (see README, "Training"): two wide layers with dropout,
+# Measured on the 2-core CI machine (see docs/training.md): two wide layers with dropout,
 # Adam on a cosine decay, and fresh affine + elastic distortions every epoch.
 BEST = replace(
     NOTEBOOK,

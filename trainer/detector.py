@@ -26,8 +26,9 @@ from digit_recognizer.trainer.data import Dataset, to_model_inputs
 from digit_recognizer.trainer.pictures import (
     PictureSet,
     detector_sets,
+    font_names,
+    package_fonts,
     split_fonts,
-    system_fonts,
 )
 
 KEEP_DIGITS = 0.995  # of the held-out digit pictures, at the chosen threshold
@@ -41,6 +42,7 @@ class Detector:
     shift: float
     threshold: float
     validation: dict[str, dict[str, Any]]  # set -> {"images", "is_digit", "share_right"}
+    fonts: list[str]  # the typefaces the training pictures were drawn with
     held_out: dict[str, tuple[bool, np.ndarray]]  # set -> (is digit, scores): the report's plot
 
     def card(self) -> dict[str, object]:
@@ -50,6 +52,7 @@ class Detector:
             "calibration": {"method": "platt", "scale": self.scale, "shift": self.shift},
             "keep_digits": KEEP_DIGITS,
             "validation": self.validation,
+            "fonts": self.fonts,
         }
 
     def scores(self, pixels: np.ndarray) -> np.ndarray:
@@ -141,8 +144,11 @@ def train_detector(
 ) -> Detector:
     """Make `pictures` pictures of each kind, fit the head, calibrate, pick the threshold."""
     rng = np.random.default_rng(seed + 17)
-    fonts, _ = split_fonts(system_fonts())
-    log(f"detector: drawing {pictures} pictures of each kind ({len(fonts)} fonts)")
+    fonts, _ = split_fonts(package_fonts())
+    log(
+        f"detector: drawing {pictures} pictures of each kind with {len(fonts)} fonts: "
+        + ", ".join(font_names(fonts))
+    )
     sets = detector_sets(dataset.x_train, fonts, seed, pictures) + _pixel_space_sets(
         dataset.x_train, rng, 2 * pictures
     )
@@ -183,7 +189,7 @@ def train_detector(
             f"({len(mine)} held-out pictures)"
         )
     log(f"detector: threshold {threshold:.4f} keeps {KEEP_DIGITS:.1%} of held-out digits")
-    return Detector(head, scale, shift, threshold, validation, held_out)
+    return Detector(head, scale, shift, threshold, validation, font_names(fonts), held_out)
 
 
 def exported_function(

@@ -3,8 +3,10 @@
 Everything is drawn as a photo or scan would show it (dark ink on light paper, larger than
 28x28, off-centre, a little blur and noise) and then goes through the client's own recipe
 (`client.images.to_mnist`), so the not-a-digit detector learns from exactly what the served
-model is shown. Nothing is downloaded: the fonts are the machine's own plus Pillow's built-in
-one, the rest is MNIST and drawing.
+model is shown. Nothing is downloaded: the fonts are the ones matplotlib (a `[train]` dependency)
+ships inside its package plus Pillow's built-in one, never the machine's own, so every machine
+and the trainer image draw the same pictures and train the same model; the rest is MNIST and
+drawing.
 
 Typed letters that look like digits in most fonts are never used as non-digits (O o Q D are
 0s, I l i j | ! are 1s, Z z 2s, S s 5s, B 8, b G 6s, g q 9s): a service that rejected a typed
@@ -26,15 +28,9 @@ from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 
-FONT_DIRS = (
-    "/usr/share/fonts",
-    "/usr/local/share/fonts",
-    "~/.fonts",
-    "~/.local/share/fonts",
-    "/Library/Fonts",
-    "/System/Library/Fonts",
-    "C:/Windows/Fonts",
-)
+# Bundled with matplotlib but not text faces: a fallback that draws every character as a box,
+# and Computer Modern's math extension and symbol faces (their ASCII code points hold symbols).
+NOT_TEXT_FONTS = ("LastResort", "cmex10", "cmsy10")
 LOOK_ALIKES = set("OoQDIlij|!ZzSsBbGgq")
 NON_DIGIT_GLYPHS = "".join(
     c for c in string.ascii_letters + "#$%&@*+?<>=~^/\\{}[]()" if c not in LOOK_ALIKES
@@ -43,23 +39,26 @@ Rng = np.random.Generator
 Font = Path | None  # None: Pillow's built-in font
 
 
-def system_fonts() -> list[Path]:
-    """TrueType/OpenType fonts on this machine that draw Latin letters and digits."""
-    found: set[Path] = set()
-    for folder in FONT_DIRS:
-        root = Path(folder).expanduser()
-        if root.is_dir():
-            found.update(p for p in root.rglob("*") if p.suffix.lower() in (".ttf", ".otf"))
+def package_fonts() -> list[Path]:
+    """The TrueType faces bundled in matplotlib's package that draw every Latin letter and
+    digit: the same files wherever the same `[train]` install is."""
+    import matplotlib
+    from fontTools.ttLib import TTFont  # matplotlib's own dependency
+
+    needed = {ord(c) for c in string.ascii_letters + string.digits}
     usable = []
-    for path in sorted(found):
-        if "math" in path.name.lower() or "symbol" in path.name.lower():
+    for path in sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("*.ttf")):
+        if path.stem.startswith(NOT_TEXT_FONTS):
             continue
-        try:
-            ImageFont.truetype(str(path), 32).getbbox("0aZ")
-        except OSError:
-            continue
-        usable.append(path)
+        with TTFont(path, lazy=True) as face:
+            if needed <= set(face["cmap"].getBestCmap()):
+                usable.append(path)
     return usable
+
+
+def font_names(fonts: list[Font]) -> list[str]:
+    """How the model card and the trainer's log name the fonts drawn with."""
+    return [font.name if font is not None else "pillow-default" for font in fonts]
 
 
 def split_fonts(fonts: list[Path]) -> tuple[list[Font], list[Font]]:
