@@ -1,4 +1,10 @@
-"""`digit-client`: classify pictures, read the model card, check health, measure speed."""
+"""`digit-client`: classify pictures, read numbers, read the model card, check health,
+measure speed.
+
+The top of this module imports click and grpc only: `digit-client health` is a container's
+probe, run every few seconds, and loads nothing else. numpy, Pillow, scipy and rich are
+imported inside the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import grpc
-import numpy as np
+from click.core import ParameterSource
 
 from digit_recognizer.client.client import (
     DEFAULT_TARGET,
@@ -22,13 +28,20 @@ from digit_recognizer.client.client import (
     AsyncDigitClient,
     Credentials,
     DigitClient,
-    Prediction,
 )
 from digit_recognizer.client.errors import DigitClientError, ImageError
-from digit_recognizer.client.images import is_image_file, quantized, render, to_mnist
+from digit_recognizer.client.versions import version_option
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DIGITS"}
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from digit_recognizer.client.client import Prediction
+
+ENV_PREFIX = "DIGITS"  # every option also reads DIGITS_<OPTION>: DIGITS_TARGET, DIGITS_TOKEN_FILE
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": ENV_PREFIX}
+# ctx.meta key: the connection options typed before the subcommand.
+_GIVEN_BEFORE = "digit_recognizer.client.cli.given_before"
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -37,7 +50,8 @@ def _read(path: Path | None) -> bytes | None:
 
 _PATH = click.Path(exists=True, dir_okay=False, path_type=Path)
 # (name, option settings): the connection options, accepted before the subcommand (as kubectl
-# and grpcurl users type them) and after it; after wins.
+# and grpcurl users type them) and after it. What is typed wins over the environment wherever
+# it is typed; typed after the subcommand wins over typed before it.
 _CONNECTION: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--target", {"default": DEFAULT_TARGET, "help": "Server address; dns:///host:port "
                   "balances over every address."}),
@@ -47,95 +61,115 @@ _CONNECTION: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--client-cert", {"type": _PATH, "help": "PEM client certificate (mutual TLS)."}),
     ("--client-key", {"type": _PATH, "help": "PEM client private key (mutual TLS)."}),
     ("--token-file", {"type": _PATH, "help": "File holding a bearer token."}),
+)  # fmt: skip
+# The model a call is for: only for the commands that call a model (not health, not models).
+_MODEL: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--model", {"default": "", "help": "Model to ask (digit-client models lists them); "
                  "default: the server's default."}),
     ("--model-version", {"default": "", "help": "Its version; default: the latest."}),
 )  # fmt: skip
+_MODEL_COMMANDS = "classify, read, info and bench"
 
 
-def _connection_decorators(for_group: bool) -> list[Callable[..., Any]]:
-    decorators = []
-    for name, settings in _CONNECTION:
-        settings = dict[str, Any](settings)
-        if for_group:  # unset unless typed: only what was given is passed on
-            settings["default"] = False if settings.get("is_flag") else None
-        else:
-            settings["show_default"] = "default" in settings and not settings.get("is_flag")
-        decorators.append(click.option(name, show_envvar=True, **settings))
-    return decorators
+def _parameter_name(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
 
 
-def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--target, --timeout, the TLS / token options and the model, shared by every command."""
-
-    @functools.wraps(command)
-    def wrapper(
-        target: str,
-        timeout: float,
-        tls: bool,
-        ca_cert: Path | None,
-        client_cert: Path | None,
-        client_key: Path | None,
-        token_file: Path | None,
-        model: str,
-        model_version: str,
-        **kwargs: Any,
-    ) -> Any:
-        credentials = Credentials(
-            root_certificates=_read(ca_cert),
-            private_key=_read(client_key),
-            certificate_chain=_read(client_cert),
-            token=token_file.read_text().strip() if token_file else None,
-            tls=tls,
-        )
-        connect = functools.partial(
-            DigitClient,
-            target=target,
-            timeout=timeout,
-            credentials=credentials,
-            model=model,
-            model_version=model_version,
-        )
-        try:
-            return command(connect=connect, **kwargs)
-        except DigitClientError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    for decorate in reversed(_connection_decorators(for_group=False)):
-        wrapper = decorate(wrapper)
-    return wrapper
+def _decorate(function: Callable[..., Any], options: tuple[tuple[str, dict[str, Any]], ...]) -> Any:
+    for name, settings in reversed(options):
+        shown = "default" in settings and not settings.get("is_flag") and settings["default"] != ""
+        function = click.option(name, show_envvar=True, show_default=shown, **settings)(function)
+    return function
 
 
-def _group_connection_options(group: Callable[..., Any]) -> Callable[..., Any]:
-    for decorate in reversed(_connection_decorators(for_group=True)):
-        group = decorate(group)
-    return group
+def connection_options(*, model: bool = True) -> Callable[[Callable[..., Any]], Any]:
+    """--target, --timeout, the TLS and token options and (`model`) --model/--model-version,
+    turned into `connect`: a DigitClient factory with them all."""
+    options = _CONNECTION + (_MODEL if model else ())
+    names = [_parameter_name(name) for name, _ in options]
+
+    def decorator(command: Callable[..., Any]) -> Any:
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            before: dict[str, Any] = ctx.meta.get(_GIVEN_BEFORE, {})
+            if not model and (typed := [n for n in ("model", "model_version") if n in before]):
+                flags = " or ".join("--" + n.replace("_", "-") for n in typed)
+                raise click.UsageError(
+                    f"{ctx.info_name} takes no {flags}; only {_MODEL_COMMANDS} call a model"
+                )
+            settings = {}
+            for name in names:
+                value = kwargs.pop(name)
+                # Typed before the subcommand beats the environment and the defaults here.
+                if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+                    value = before.get(name, value)
+                settings[name] = value
+            token_file: Path | None = settings["token_file"]
+            credentials = Credentials(
+                root_certificates=_read(settings["ca_cert"]),
+                private_key=_read(settings["client_key"]),
+                certificate_chain=_read(settings["client_cert"]),
+                token=token_file.read_text().strip() if token_file else None,
+                tls=settings["tls"],
+            )
+            connect = functools.partial(
+                DigitClient,
+                target=settings["target"],
+                timeout=settings["timeout"],
+                credentials=credentials,
+                model=settings.get("model", ""),
+                model_version=settings.get("model_version", ""),
+            )
+            try:
+                return command(connect=connect, **kwargs)
+            except DigitClientError as exc:
+                raise click.ClickException(str(exc)) from None
+
+        return _decorate(wrapper, options)
+
+    return decorator
+
+
+def _group_options(group: Callable[..., Any]) -> Any:
+    return _decorate(group, _CONNECTION + _MODEL)
 
 
 @click.group(context_settings=CONTEXT)
-@_group_connection_options
+@version_option("digit-client", "grpcio", "protobuf")
+@_group_options
 @click.pass_context
-def main(ctx: click.Context, **given: Any) -> None:
-    """Classify handwritten digits with a digit-server.
+def main(ctx: click.Context, **options: Any) -> None:
+    """Classify handwritten digits and read numbers with a digit-server.
 
     \b
     Examples:
       digit-client classify examples/*.png
       digit-client classify photo.jpg --show --top-k 3
       digit-client classify --json scans/ > answers.jsonl
+      digit-client read house-number.jpg
       digit-client info
       digit-client models
       digit-client health && echo ready
       digit-client bench --concurrency 64 --duration 10
       digit-client --target server:50051 --token-file t info
 
-    The connection options work before the subcommand and after it (after wins).
+    The connection options work before the subcommand and after it. Typed options beat the
+    environment (DIGITS_TARGET, DIGITS_TOKEN_FILE, ...); typed after the subcommand beats
+    typed before it.
     """
-    given = {key: value for key, value in given.items() if value not in (None, False)}
-    ctx.default_map = {**{name: given for name in main.commands}, **(ctx.default_map or {})}
+    # Only what was typed travels on: a default or an environment variable here is the same
+    # default or variable the subcommand reads itself.
+    ctx.meta[_GIVEN_BEFORE] = {
+        name: value
+        for name, value in options.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
 
 
 def _expand(paths: tuple[str, ...]) -> list[str]:
+    from digit_recognizer.client.images import is_image_file
+
     expanded: list[str] = []
     for raw in paths:
         path = Path(raw)
@@ -155,7 +189,7 @@ def _expand(paths: tuple[str, ...]) -> list[str]:
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
 @click.option("--show", is_flag=True, help="Draw the 28x28 image the model sees.")
-@connection_options
+@connection_options()
 def classify(
     connect: Callable[[], DigitClient],
     images: tuple[str, ...],
@@ -176,6 +210,10 @@ def classify(
       digit-client classify --json scans/ > answers.jsonl
       cat digit.png | digit-client classify -
     """
+    import numpy as np
+
+    from digit_recognizer.client.images import quantized, render, to_mnist
+
     failures = 0
     prepared: list[tuple[str, np.ndarray]] = []
     for name in _expand(images):
@@ -203,7 +241,7 @@ def classify(
 @main.command(context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per picture per line.")
-@connection_options
+@connection_options()
 def read(connect: Callable[[], DigitClient], images: tuple[str, ...], as_json: bool) -> None:
     """Read numbers: pictures holding several digits (a house number, a meter, a year).
 
@@ -260,38 +298,106 @@ def _format(name: str, prediction: Prediction, as_json: bool) -> str:
 
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print the model info as JSON.")
-@connection_options
+@connection_options()
 def info(connect: Callable[[], DigitClient], as_json: bool) -> None:
-    """The served model's card, the execution provider and the batching limits.
+    """The served model's card (with its not-a-digit detector and the library versions it was
+    built with, when the server reports them), the execution provider and the batching limits.
 
     \b
     Examples:
       digit-client info
       digit-client info --json | jq .test_accuracy
+      digit-client info --json | jq .training_config.epochs
     """
-    from google.protobuf.json_format import MessageToDict
-    from rich.console import Console
-    from rich.table import Table
-
     with connect() as client:
         model = client.model_info()
-    data = MessageToDict(
-        model, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    data = typed_dict(model)
     if as_json:
         click.echo(json.dumps(data))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"{model.name} {model.version}", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # sha256 values are read whole, never cut with "…"
     for key, value in data.items():
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        table.add_row(key, _cell(value))
     Console().print(table)
+
+
+def typed_dict(message: Message) -> dict[str, Any]:
+    """A reply as the JSON a reader expects. protobuf's JSON mapping writes 64-bit integers as
+    strings (a shape of ["-1", "784"]): here they are numbers. Fields named `*_json`, and
+    strings holding a JSON object (the card's `dataset`), are parsed into what they hold,
+    `*_json` under the name without the suffix; an empty one is null."""
+    from google.protobuf.json_format import MessageToDict
+
+    data = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    typed: dict[str, Any] = {}
+    for key, value in _typed_fields(data, message.DESCRIPTOR).items():
+        if key.endswith("_json") and isinstance(value, str):
+            typed[key.removesuffix("_json")] = json.loads(value) if value else None
+        elif isinstance(value, str) and value.startswith("{"):
+            try:
+                typed[key] = json.loads(value)
+            except ValueError:  # text that only starts like JSON stays text
+                typed[key] = value
+        else:
+            typed[key] = value
+    return typed
+
+
+def _typed_fields(data: dict[str, Any], descriptor: Any) -> dict[str, Any]:
+    """`data` in the message's field order (MessageToDict puts default values last), with
+    64-bit integers as numbers again, in nested messages too."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wide = {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+    typed: dict[str, Any] = {}
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.type in wide:
+            value = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if isinstance(value, list):
+                value = [_typed_fields(item, field.message_type) for item in value]
+            else:
+                value = _typed_fields(value, field.message_type)
+        typed[field.name] = value
+    return typed
+
+
+def _cell(value: Any) -> str:
+    """A value for the info table: objects one `key: value` line each, the rest as JSON."""
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if not value:
+            return "none"
+        return "\n".join(
+            f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items()
+        )
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # the labels
+    return json.dumps(value)
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version per line.")
-@connection_options
+@connection_options(model=False)
 def models(connect: Callable[[], DigitClient], as_json: bool) -> None:
     """The server's models and versions: READY (served) or UNAVAILABLE (and why).
 
@@ -315,7 +421,7 @@ def models(connect: Callable[[], DigitClient], as_json: bool) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.option("--service", default="", help='Service to check ("" = the whole server).')
-@connection_options
+@connection_options(model=False)
 def health(connect: Callable[[], DigitClient], service: str) -> None:
     """Print the health status; exit 0 only when SERVING (a container healthcheck).
 
@@ -369,7 +475,7 @@ def health(connect: Callable[[], DigitClient], service: str) -> None:
     help="digits.v1 Classify, or the Open Inference Protocol's ModelInfer (raw FP32).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@connection_options
+@connection_options()
 def bench(
     connect: functools.partial[DigitClient],
     concurrency: int,
@@ -428,6 +534,7 @@ async def _bench(
     protocol: str,
     show_progress: bool,
 ) -> dict[str, Any]:
+    import numpy as np
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -482,7 +589,9 @@ async def _bench(
                     issued += 1
                     sent = time.perf_counter()
                     try:
-                        await call(request, timeout=timeout)
+                        # The call's metadata carries the token (and trace context), as
+                        # every other command's calls do.
+                        await call(request, timeout=timeout, metadata=client._metadata)
                         latencies.append(time.perf_counter() - sent)
                     except grpc.aio.AioRpcError as exc:  # counted by code, never fatal
                         errors[exc.code().name] += 1

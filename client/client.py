@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digit_recognizer.client.errors import DigitClientError, InvalidInput, from_rpc_error
-
-try:  # optional: with it, calls carry the caller's trace context
-    from opentelemetry import propagate as _propagate
-except ImportError:  # pragma: no cover - the base install does not include it
-    _propagate = None  # type: ignore[assignment]
-from digit_recognizer.client.images import ImageSource, to_mnist
-from digit_recognizer.client.reading import Reading, assemble, find_digits, pixels_u8
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
+
+# numpy, Pillow (images) and scipy (reading) load where pictures and arrays are handled, not
+# here: a health probe or a model-info call costs grpc's import and nothing more.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from digit_recognizer.client.images import ImageSource
+    from digit_recognizer.client.reading import Reading
 
 SERVICE = "digits.v1.DigitClassifier"
 DEFAULT_TARGET = "localhost:50051"
@@ -126,6 +127,8 @@ def as_pixels(images: Any) -> np.ndarray:
 
     Returns (N, 784), uint8 or float32, ready for the wire.
     """
+    import numpy as np
+
     array = np.asarray(images)
     if array.dtype == object or array.size == 0:
         raise InvalidInput(
@@ -164,7 +167,7 @@ def as_pixels(images: Any) -> np.ndarray:
 
 
 def encode(pixels: np.ndarray, top_k: int = 0, request_id: str = "") -> digits_pb2.ClassifyRequest:
-    if pixels.dtype == np.uint8:
+    if pixels.dtype.name == "uint8":  # as_pixels gives uint8 or float32
         return digits_pb2.ClassifyRequest(
             request_id=request_id, pixels_u8=pixels.tobytes(), top_k=top_k
         )
@@ -194,6 +197,19 @@ def decode(reply: digits_pb2.ClassifyResponse) -> list[Prediction]:
         )
         for p in reply.predictions
     ]
+
+
+def _propagator() -> Any:
+    """OpenTelemetry's propagate module when the program uses OpenTelemetry (optional: the
+    base install does not include it), else None. Without opentelemetry.context imported no
+    span can be current, so there is nothing to propagate and nothing worth importing."""
+    if "opentelemetry.context" not in sys.modules:
+        return None
+    try:
+        from opentelemetry import propagate
+    except ImportError:  # pragma: no cover - a partial install
+        return None
+    return propagate
 
 
 def _chunks(pixels: np.ndarray, size: int) -> list[np.ndarray]:
@@ -270,10 +286,11 @@ class _Base:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         """The call's metadata, with the caller's trace context (W3C traceparent) when
         OpenTelemetry is installed and a span is current: the server continues the trace."""
-        if _propagate is None:
+        propagate = _propagator()
+        if propagate is None:
             return self._fixed_metadata
         carrier: dict[str, str] = {}
-        _propagate.inject(carrier)
+        propagate.inject(carrier)
         return (*self._fixed_metadata, *carrier.items()) if carrier else self._fixed_metadata
 
     def _error(self, error: grpc.RpcError) -> DigitClientError:
@@ -344,11 +361,16 @@ class DigitClient(_Base):
 
     def classify_image(self, source: ImageSource, *, top_k: int = 0) -> Prediction:
         """A picture (path, bytes, file object or PIL image), preprocessed like MNIST."""
+        from digit_recognizer.client.images import to_mnist
+
         return self.classify(to_mnist(source), top_k=top_k)
 
     def read(self, source: ImageSource) -> Reading:
         """A picture of a number (a house number, a meter, a year): its digits found left to
-        right, then all classified in one request. `Reading.text` is the number."""
+        right, then all classified in one request. `Reading.text` is the number. Needs scipy
+        (`pip install 'digit-recognizer[read]'`); ImageError says so when it is missing."""
+        from digit_recognizer.client.reading import Reading, assemble, find_digits, pixels_u8
+
         pieces = find_digits(source)
         if not pieces:
             return Reading(())
@@ -463,11 +485,15 @@ class AsyncDigitClient(_Base):
         return [prediction for chunk in results for prediction in chunk]
 
     async def classify_image(self, source: ImageSource, *, top_k: int = 0) -> Prediction:
+        from digit_recognizer.client.images import to_mnist
+
         pixels = await asyncio.to_thread(to_mnist, source)
         return await self.classify(pixels, top_k=top_k)
 
     async def read(self, source: ImageSource) -> Reading:
         """A picture of a number: its digits found, then classified in one request."""
+        from digit_recognizer.client.reading import Reading, assemble, find_digits, pixels_u8
+
         pieces = await asyncio.to_thread(find_digits, source)
         if not pieces:
             return Reading(())

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 
-from digit_recognizer.client.errors import BlankPicture
+from digit_recognizer.client.errors import BlankPicture, ImageError
 from digit_recognizer.client.images import ImageSource, frame, quantized, to_ink
 
 if TYPE_CHECKING:
     from digit_recognizer.client.client import Prediction
+
+# scipy labels the ink's connected pieces; it is not in the base install (half its size, for
+# three calls), so it is imported only here, when a number is read.
+READ_EXTRA_HINT = "pip install 'digit-recognizer[read]'"
 
 # A piece under this share of the tallest piece's height and of the ink is a speck.
 _SPECK_HEIGHT = 0.25
@@ -125,7 +128,8 @@ def find_digits(
     source: ImageSource, name: str | None = None, max_decoded_bytes: int | None = None
 ) -> list[Piece]:
     """The digit-sized pieces of a picture, left to right; none for a blank picture.
-    ImageError when it cannot be read."""
+    ImageError when it cannot be read, or when scipy is not installed."""
+    ndimage = _ndimage()
     try:
         ink, scale = to_ink(source, name, max_decoded_bytes)
     except BlankPicture:
@@ -169,6 +173,14 @@ def find_digits(
             )
             pieces.append(Piece(picture_box, frame(crop[rows[0] : rows[-1] + 1])))
     return pieces
+
+
+def _ndimage() -> Any:
+    try:
+        from scipy import ndimage
+    except ImportError:
+        raise ImageError(f"reading numbers needs scipy: {READ_EXTRA_HINT}") from None
+    return ndimage
 
 
 def _merge_stacked(boxes: list[_Box]) -> list[_Box]:

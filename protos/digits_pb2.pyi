@@ -159,7 +159,14 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "weights_sha256", "file_sha256", "test_accuracy", "test_loss", "labels", "dataset", "created_at", "input", "execution_provider", "batching", "training_config_json", "model", "model_version")
+    __slots__ = ("name", "version", "weights_sha256", "file_sha256", "test_accuracy", "test_loss", "labels", "dataset", "created_at", "input", "execution_provider", "batching", "training_config_json", "model", "model_version", "library_versions", "detector_json")
+    class LibraryVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +182,8 @@ class ModelInfo(_message.Message):
     TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIBRARY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     weights_sha256: str
@@ -190,4 +199,6 @@ class ModelInfo(_message.Message):
     training_config_json: str
     model: str
     model_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., created_at: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., training_config_json: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    library_versions: _containers.ScalarMap[str, str]
+    detector_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., created_at: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., training_config_json: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., detector_json: _Optional[str] = ...) -> None: ...

@@ -150,6 +150,8 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
                 max_message_bytes=limits.max_message_bytes,
             ),
             training_config_json=json.dumps(card.training_config, sort_keys=True),
+            library_versions=card.library_versions,
+            detector_json=json.dumps(card.detector, sort_keys=True) if card.detector else "",
         )
 
     async def _list_models(

@@ -98,6 +98,38 @@ def test_server_side_errors_become_typed_exceptions(served):
             client.classify(np.zeros((2, 784)))
 
 
+def test_invalid_input_carries_the_servers_field_violations(served):
+    """The server's google.rpc.BadRequest (rich status details) arrives on InvalidInput."""
+    from digit_recognizer.protos import digits_pb2
+
+    pixels = np.zeros((2, 784), np.float32)
+    pixels[1, 5] = 2.0
+    out_of_range = digits_pb2.ClassifyRequest(pixels_f32le=pixels.tobytes())
+    with DigitClient(served) as client:
+        with pytest.raises(InvalidInput, match="image 1, pixel 5") as info:
+            client._call(out_of_range)
+        ((field, description),) = info.value.field_violations
+        assert field == "pixels_f32le[789]" and "image 1, pixel 5" in description
+        assert info.value.field_violations[0].field == field
+        with pytest.raises(InvalidInput) as info:
+            client._call(encode(as_pixels(np.zeros((9, 784)))))
+        assert [v.field for v in info.value.field_violations] == ["pixels_f32le"]
+        with pytest.raises(InvalidInput) as local:  # found here, before sending: none
+            client.classify(np.zeros((2, 784)))
+        assert local.value.field_violations == []
+
+
+async def test_async_invalid_input_carries_the_field_violations_too(served):
+    from digit_recognizer.protos import digits_pb2
+
+    broken = digits_pb2.ClassifyRequest(pixels_f32le=b"\0" * 7)
+    async with AsyncDigitClient(served) as client:
+        with pytest.raises(InvalidInput) as info:
+            await client._call(broken)
+    (violation,) = info.value.field_violations
+    assert violation.field == "pixels_f32le" and "not a multiple of 4" in violation.description
+
+
 def test_a_call_slower_than_its_timeout_is_deadline_exceeded(processes, tmp_path):
     from onnx_models import slow_model
 

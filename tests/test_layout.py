@@ -51,3 +51,23 @@ def test_784_is_spelled_only_in_the_contract():
                 if t.type == tokenize.NUMBER and t.string == "784"
             ]
     assert not offenders
+
+
+def test_the_wheel_is_typed_and_adds_no_generic_top_level_names(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("digit_recognizer-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if "/" in n and ".dist-info" not in n} == {
+        "digit_recognizer"
+    }
+    for package in ("client", "server", "trainer", "protos"):  # PEP 561: type checkers use us
+        assert f"digit_recognizer/{package}/py.typed" in names
+    assert "digit_recognizer/protos/digits_pb2.pyi" in names

@@ -40,6 +40,33 @@ def test_bad_flag_is_a_usage_error():
         assert problem in every.output, every.output
 
 
+def test_top_level_help_lists_the_commands_and_the_training_flags():
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "inspect  " in result.output and "train  " in result.output
+    assert "digit-train inspect models/model.onnx" in result.output
+    for flag in ("--data-dir", "--preset", "--epochs", "--hidden", "--detector / --no-detector"):
+        assert flag in result.output, flag
+    assert run("train", "--help").exit_code == 0 and run("-h").output == result.output
+
+
+def test_version_names_the_libraries_without_importing_them():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    code = (
+        "import sys\nfrom digit_recognizer.trainer.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as exit:\n    assert not exit.code\n"
+        "print(sorted({'tensorflow', 'keras', 'onnxruntime', 'tf2onnx'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    line, imported = done.stdout.splitlines()
+    assert done.returncode == 0 and imported == "[]", done.stderr
+    assert line.startswith(f"digit-train {version('digit-recognizer')} (")
+    assert f"onnxruntime {version('onnxruntime')}" in line and "tensorflow" in line
+
+
 def test_bad_data_dir_is_one_clear_line(tmp_path):
     result = run("--data-dir", str(tmp_path / "missing"))
     assert result.exit_code == 1

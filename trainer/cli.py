@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from digit_recognizer.client.versions import version_option
 from digit_recognizer.protos.contract import CardError, ModelCard
 from digit_recognizer.trainer.config import (
     ACTIVATIONS,
@@ -34,24 +35,41 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class _TrainByDefault(click.Group):
-    """`digit-train [FLAGS]` trains; other words name subcommands (`inspect`)."""
+    """`digit-train [FLAGS]` trains; other words name subcommands (`inspect`). Its --help
+    shows the training flags too: they are what `digit-train` is run with."""
+
+    _OWN = ("--help", "-h", "--version")
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+        if not args or (args[0] not in self.commands and args[0] not in self._OWN):
             args = ["train", *args]
         return super().parse_args(ctx, args)
 
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "[TRAINING OPTIONS] | COMMAND [ARGS]...")
 
-@click.group(cls=_TrainByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)  # -h, --version, then the commands
+        train = self.commands["train"]
+        records = [p.get_help_record(ctx) for p in train.get_params(ctx)]
+        with formatter.section("Training options (digit-train [OPTIONS] is digit-train train)"):
+            formatter.write_dl([r for r in records if r is not None and r[0] != "-h, --help"])
+
+
+@click.group(
+    cls=_TrainByDefault,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@version_option("digit-train", "tensorflow-cpu|tensorflow", "keras", "tf2onnx", "onnxruntime")
 def main() -> None:
     """Train the MNIST MLP and export it to ONNX (`digit-train [OPTIONS]`), or inspect a model.
 
     \b
     Examples:
-      digit-train --data-dir ../shared/mnist                 # the notebook, ~20 s
+      digit-train --data-dir ../shared/mnist                 # train: the notebook, ~20 s
       digit-train --preset best --report reports/            # >= 99% with augmentation
       digit-train --hidden 256,256 --optimizer adam --epochs 10
-      digit-train inspect models/model.onnx
+      digit-train inspect models/model.onnx                  # inspect: a model's card
     """
 
 
