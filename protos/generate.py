@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-PROTO_FILES = ("digits.proto", "inference.proto")
+PROTO_FILES = ("digits.proto", "inference.proto", "model_config.proto")
 PACKAGE_PATH = Path("digit_recognizer/protos")
 
 

@@ -5,7 +5,7 @@ def test_committed_stubs_match_the_proto(tmp_path):
     written = generate(tmp_path)
     assert {p.name for p in written} == {
         f"{proto}{suffix}"
-        for proto in ("digits_pb2", "inference_pb2")
+        for proto in ("digits_pb2", "inference_pb2", "model_config_pb2")
         for suffix in (".py", ".pyi", "_grpc.py")
     }
     for fresh in written:
