@@ -36,11 +36,14 @@ from digit_recognizer.trainer.data import (
 CONCURRENCIES = (1, 16, 64, 256)
 BULK = Workload("bulk", "classify", 256, 4)
 BULK_U8 = Workload("bulk u8", "classify", 256, 4, "u8")
-# This server's Open Inference Protocol front, for the same loads the peers get over it.
+# This server's Open Inference Protocol front, for the same loads the peers get over it; and
+# its REST routes for 256 images a request: JSON tensors, and Triton's binary tensor data.
 V2 = (
     Workload("v2", "infer", 1, 64),
     Workload("v2 bulk", "infer", 256, 4),
     Workload("v2 bulk u8", "infer", 256, 4, "u8"),
+    Workload("v2 rest bulk", "rest", 256, 4),
+    Workload("v2 rest bulk binary", "rest-binary", 256, 4),
 )
 CPUS = available_cpus()
 # --workers N between one process and the default (one per CPU): the scaling curve.

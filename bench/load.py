@@ -1,4 +1,5 @@
-"""One load-generating process: closed-loop callers on grpc.aio, timings out as one JSON line.
+"""One load-generating process: closed-loop callers on grpc.aio (or aiohttp for the REST
+calls), timings out as one JSON line.
 
 The orchestrator starts several of these at once (`--start-at`, a shared wall-clock instant) so
 the load generator is never one Python process competing with the server it measures. Requests
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,11 +28,15 @@ import numpy as np
 from digit_recognizer.client.images import quantized
 from digit_recognizer.protos import digits_pb2, inference_pb2
 
-CALLS = ("classify", "stream", "infer")
+CALLS = ("classify", "stream", "infer", "rest", "rest-binary")
 UNARY_METHODS = {
     "classify": "/digits.v1.DigitClassifier/Classify",
     "infer": "/inference.GRPCInferenceService/ModelInfer",
 }
+# POST /v2/models/{m}/infer: JSON tensors, or Triton's binary tensor data (a JSON header of
+# this length, then the raw little-endian tensor; the reply likewise).
+REST_CALLS = ("rest", "rest-binary")
+INFERENCE_HEADER = "Inference-Header-Content-Length"
 SAMPLE_EVERY = 16  # replies kept for parsing: one in this many
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -38,7 +44,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True)
 class Load:
     target: str
-    call: str  # classify | stream (digits.v1) | infer (Open Inference Protocol ModelInfer)
+    # classify | stream (digits.v1) | infer (Open Inference Protocol ModelInfer) | rest |
+    # rest-binary (the same protocol's REST infer, JSON or binary tensors; target: HTTP)
+    call: str
     images: int  # per request
     concurrency: int  # callers in this process
     warmup_s: float
@@ -65,7 +73,33 @@ def sample_images(samples: str, count: int) -> tuple[np.ndarray, list[int]]:
     return images[:count].astype(np.float32), labels[:count].tolist()
 
 
+def build_rest_request(load: Load, images: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The REST infer body and its headers (FP32 or UINT8 pixels, only `output_name` asked for:
+    in JSON, or binary for rest-binary)."""
+    u8 = load.encoding == "u8"
+    values = quantized(images) if u8 else images.astype("<f4")
+    tensor = {"name": load.input_name, "datatype": "UINT8" if u8 else "FP32",
+              "shape": list(images.shape)}  # fmt: skip
+    if load.call == "rest":
+        body = {"inputs": [{**tensor, "data": values.ravel().tolist()}],
+                "outputs": [{"name": load.output_name}]}  # fmt: skip
+        return json.dumps(body).encode(), {"Content-Type": "application/json"}
+    raw = values.tobytes()
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+            "outputs": [{"name": load.output_name, "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + raw, {
+        "Content-Type": "application/octet-stream",
+        INFERENCE_HEADER: str(len(header)),
+    }
+
+
 def build_request(load: Load, images: np.ndarray) -> bytes:
+    if load.call in REST_CALLS:
+        return build_rest_request(load, images)[0]
     u8 = load.encoding == "u8"  # the samples are MNIST's own 8-bit values / 255: exact
     raw = quantized(images).tobytes() if u8 else images.astype("<f4").tobytes()
     if load.call == "infer":
@@ -92,6 +126,12 @@ def build_request(load: Load, images: np.ndarray) -> bytes:
 
 def predicted_digits(load: Load, reply: bytes) -> tuple[list[int], int | None]:
     """The digits in a reply and, for digits.v1, the executed batch size it reports."""
+    if load.call == "rest":
+        (output,) = json.loads(reply)["outputs"]
+        return np.asarray(output["data"]).reshape(-1, 10).argmax(axis=1).tolist(), None
+    if load.call == "rest-binary":  # the one output asked for ends the reply: N x 10 FP32
+        probabilities = np.frombuffer(reply[-load.images * 10 * 4 :], dtype="<f4")
+        return probabilities.reshape(-1, 10).argmax(axis=1).tolist(), None
     if load.call == "infer":
         response = inference_pb2.ModelInferResponse.FromString(reply)
         if response.raw_output_contents:
@@ -130,6 +170,28 @@ def open_caller(load: Load, channel: grpc.aio.Channel, request: bytes) -> Call:
     return exchange
 
 
+class HttpError(Exception):
+    """A REST reply other than 200: counted by status, like a gRPC code."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.code = f"HTTP_{status}"
+
+
+def open_rest_caller(load: Load, session: Any, images: np.ndarray) -> Call:
+    body, headers = build_rest_request(load, images)
+    url = f"http://{load.target}/v2/models/{load.model_name}/infer"
+
+    async def post() -> bytes:
+        async with session.post(url, data=body, headers=headers) as reply:
+            data = await reply.read()
+            if reply.status != 200:
+                raise HttpError(reply.status)
+            return data
+
+    return post
+
+
 async def run(load: Load) -> dict:
     images, labels = sample_images(load.samples, load.images)
     request = build_request(load, images)
@@ -143,15 +205,26 @@ async def run(load: Load) -> dict:
     if load.connections > 1:  # each channel its own TCP connection, not a shared subchannel
         options.append(("grpc.use_local_subchannel_pool", 1))
     async with contextlib.AsyncExitStack() as stack:
-        channels = [
-            await stack.enter_async_context(grpc.aio.insecure_channel(load.target, options=options))
-            for _ in range(max(1, min(load.connections, load.concurrency)))
-        ]
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), 30)
-        callers = [
-            open_caller(load, channels[i % len(channels)], request) for i in range(load.concurrency)
-        ]
+        if load.call in REST_CALLS:  # HTTP/1.1: one keep-alive connection per caller
+            import aiohttp
+
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=load.concurrency))
+            )
+            callers = [open_rest_caller(load, session, images) for _ in range(load.concurrency)]
+        else:
+            channels = [
+                await stack.enter_async_context(
+                    grpc.aio.insecure_channel(load.target, options=options)
+                )
+                for _ in range(max(1, min(load.connections, load.concurrency)))
+            ]
+            for channel in channels:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+            callers = [
+                open_caller(load, channels[i % len(channels)], request)
+                for i in range(load.concurrency)
+            ]
         await asyncio.sleep(max(0.0, load.start_at - time.time()))
         measure_from = time.perf_counter() + load.warmup_s
         stop_at = measure_from + load.duration_s
@@ -162,9 +235,10 @@ async def run(load: Load) -> dict:
             while (started := time.perf_counter()) < stop_at:
                 try:
                     reply = await call()
-                except grpc.aio.AioRpcError as exc:
+                except (grpc.aio.AioRpcError, HttpError) as exc:
+                    code = exc.code if isinstance(exc, HttpError) else exc.code().name
                     if started >= measure_from:
-                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                        errors[code] = errors.get(code, 0) + 1
                     await asyncio.sleep(0.001)  # an erroring server must not become a spin
                     continue
                 finished = time.perf_counter()
@@ -208,7 +282,7 @@ def _cpu_s() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True)
+    parser.add_argument("--target", required=True, help="HOST:PORT (HTTP for the rest calls)")
     parser.add_argument("--call", choices=CALLS, default="classify")
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--concurrency", type=int, default=1, help="callers in this process")

@@ -19,8 +19,8 @@ SATURATED = 0.9  # a process using this share of one core or more is the bottlen
 
 @dataclass(frozen=True)
 class Workload:
-    name: str  # "single", "bulk", "stream"
-    call: str  # as bench.load understands it
+    name: str  # "single", "bulk", "stream", "v2 rest bulk", ...
+    call: str  # as bench.load understands it (rest, rest-binary: to the HTTP port)
     images: int  # per request
     concurrency: int  # callers, all processes together
     encoding: str = "f32"  # pixels as raw float32, or u8 (0-255 bytes, a quarter the size)
@@ -72,6 +72,7 @@ def measure(
     cores: int,
 ) -> Measurement:
     start_at = time.time() + STARTUP_S
+    target = server.http_target if workload.call.startswith("rest") else server.target
     procs = [
         subprocess.Popen(
             [
@@ -79,7 +80,7 @@ def measure(
                 "-m",
                 "bench.load",
                 "--target",
-                server.target,
+                target,
                 "--call",
                 workload.call,
                 "--images",

@@ -41,6 +41,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     answers: bool = True  # False for the floor: its fixed reply is not worth checking
+    http_port: int | None = None  # where REST loads go (ours: --http-port)
 
 
 def free_port() -> int:
@@ -80,6 +81,12 @@ class Running:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_target(self) -> str:
+        if self.server.http_port is None:
+            raise ServerFailed(f"{self.server.name} serves no REST")
+        return f"127.0.0.1:{self.server.http_port}"
 
     def cpu_s(self) -> float:
         return tree_cpu_s(self.process)
@@ -145,12 +152,15 @@ def running(server: Server, port: int, log_dir: Path, images: np.ndarray) -> Ite
 def ours(name: str, model: Path, model_name: str, port: int, *flags: str) -> Server:
     digit_server = str(Path(sys.executable).parent / "digit-server")
     command = (digit_server, "--model", str(model), "--host", "127.0.0.1", "--port", str(port))
+    http_port = free_port()  # the REST loads' (v2 rest bulk, JSON and binary tensors)
     return Server(
         name,
-        (*command, "--plaintext", "--metrics-port", "0", "--log-level", "WARNING", *flags),
+        (*command, "--plaintext", "--metrics-port", "0", "--log-level", "WARNING",
+         "--http-port", str(http_port), *flags),
         "digits",
         model_name,
-    )
+        http_port=http_port,
+    )  # fmt: skip
 
 
 def floor(port: int) -> Server:

@@ -5,6 +5,11 @@ specks are dropped, pieces stacked over each other (a 5's detached bar, a 4 writ
 strokes) are merged, and a piece much wider than the digits around it is cut where the ink is
 thinnest into as many digits as its width holds (touching digits). Each piece then becomes an
 MNIST-style 28x28 image with the same recipe as a single picture, from its own ink only.
+
+Bounded like every request: at most `max_pieces` pieces (TooManyPieces past it, before any
+per-piece work), and the work grows with the picture's pixels, not with the pieces squared: a
+picture of specks (a dot every 3 px: 466,000 pieces at 2048x2048) once took minutes, merging
+every speck with every column of specks found so far.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from digit_recognizer.client.errors import BlankPicture, ImageError
-from digit_recognizer.client.images import ImageSource, frame, quantized, to_ink
+from digit_recognizer.client.images import ImageSource, _describe, frame, quantized, to_ink
 
 if TYPE_CHECKING:
     from digit_recognizer.client.client import Prediction
@@ -24,6 +29,10 @@ if TYPE_CHECKING:
 # scipy labels the ink's connected pieces; it is not in the base install (half its size, for
 # three calls), so it is imported only here, when a number is read.
 READ_EXTRA_HINT = "pip install 'digit-recognizer[read]'"
+
+# What one Classify takes by default (the server's --max-images-per-request): more pieces
+# than this in one picture are not a number but specks, a texture or a long line.
+DEFAULT_MAX_PIECES = 1024
 
 # A piece under this share of the tallest piece's height and of the ink is a speck.
 _SPECK_HEIGHT = 0.25
@@ -38,6 +47,17 @@ _MAX_DIGIT_ASPECT = 1.1
 # Touching digits sit about a height apart (their ink is dense where they meet): the
 # digits in a wide piece are counted as its width over this share of its height.
 _DIGIT_PITCH = 0.9
+
+
+class TooManyPieces(ImageError):
+    """The picture holds more pieces of ink than one read classifies (`limit`)."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by worker processes: keep the limit
+        return type(self), (str(self), self.limit)
 
 
 @dataclass(frozen=True)
@@ -125,40 +145,41 @@ class _Box:
 
 
 def find_digits(
-    source: ImageSource, name: str | None = None, max_decoded_bytes: int | None = None
+    source: ImageSource,
+    name: str | None = None,
+    max_decoded_bytes: int | None = None,
+    max_pieces: int = DEFAULT_MAX_PIECES,
 ) -> list[Piece]:
     """The digit-sized pieces of a picture, left to right; none for a blank picture.
-    ImageError when it cannot be read, or when scipy is not installed."""
+    ImageError when it cannot be read, or when scipy is not installed; TooManyPieces when it
+    holds more than `max_pieces` pieces of ink, or wide pieces that would cut into more."""
     ndimage = _ndimage()
+    label = name or _describe(source)
     try:
-        ink, scale = to_ink(source, name, max_decoded_bytes)
+        ink, scale = to_ink(source, label, max_decoded_bytes)
     except BlankPicture:
         return []
     mask = ink > 0
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
     if count == 0:
         return []
-    sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
-    boxes = [
-        _Box(found[1].start, found[0].start, found[1].stop, found[0].stop, {label})
-        for label, found in enumerate(ndimage.find_objects(labelled), start=1)
-        if found is not None
-    ]
-    tallest, total = max(b.height for b in boxes), float(sizes.sum())
-    boxes = [
-        b
-        for b in boxes
-        if b.height >= _SPECK_HEIGHT * tallest or sizes[min(b.labels) - 1] >= _SPECK_INK * total
-    ]
+    boxes, sizes = _pieces_of_ink(labelled, count, label, max_pieces)
     boxes = _merge_stacked(sorted(boxes, key=lambda b: b.left))
     boxes = _absorb_fragments(boxes, sizes)
     height = float(np.median([b.height for b in boxes]))
+    digits = sum(_digit_count(b.width, height) for b in boxes)
+    if digits > max_pieces:
+        raise _too_many(label, f"ink that cuts into {digits:,} digit-sized pieces", max_pieces)
+    # Which box each label belongs to (0: a speck, in none): one lookup per pixel of a box.
+    owner = np.zeros(count + 1, np.int32)
+    for number, box in enumerate(boxes, start=1):
+        owner[list(box.labels)] = number
     pieces = []
-    for box in boxes:
+    for number, box in enumerate(boxes, start=1):
         # The box's own ink only (a neighbour's stroke may reach into it), within the box:
         # masking the whole picture per box would cost a full pass each.
         window = (slice(box.top, box.bottom), slice(box.left, box.right))
-        own = np.where(np.isin(labelled[window], list(box.labels)), ink[window], 0.0)
+        own = np.where(owner[labelled[window]] == number, ink[window], 0.0)
         for left, right in _cuts(own, height):
             crop = own[:, left:right]
             if not crop.any():
@@ -175,6 +196,46 @@ def find_digits(
     return pieces
 
 
+def _too_many(label: str, found: str, limit: int) -> TooManyPieces:
+    return TooManyPieces(
+        f"{label}: {found}, over the limit of {limit:,} pieces per picture (a number has a few; "
+        "this looks like specks, a texture or a long line)",
+        limit,
+    )
+
+
+def _pieces_of_ink(
+    labelled: np.ndarray, count: int, label: str, max_pieces: int
+) -> tuple[list[_Box], np.ndarray]:
+    """The labelled pieces that are not specks (TooManyPieces past `max_pieces`), and every
+    label's ink in pixels. Computed over arrays, one pass over the ink: a Python object per
+    piece would cost seconds for a picture of hundreds of thousands of specks."""
+    rows, cols = np.nonzero(labelled)
+    index = labelled[rows, cols] - 1
+    sizes = np.bincount(index, minlength=count).astype(np.float64)
+    top = np.full(count, labelled.shape[0], np.intp)
+    np.minimum.at(top, index, rows)
+    bottom = np.zeros(count, np.intp)
+    np.maximum.at(bottom, index, rows)
+    left = np.full(count, labelled.shape[1], np.intp)
+    np.minimum.at(left, index, cols)
+    right = np.zeros(count, np.intp)
+    np.maximum.at(right, index, cols)
+    heights = bottom + 1 - top
+    tallest, total = int(heights.max()), float(sizes.sum())
+    # A speck is short beside the tallest piece and holds little of the ink. When the tallest
+    # piece is itself a speck (a picture of dots), every dot passes: the caller's limit on
+    # pieces refuses such a picture.
+    kept = np.flatnonzero((heights >= _SPECK_HEIGHT * tallest) | (sizes >= _SPECK_INK * total))
+    if len(kept) > max_pieces:
+        raise _too_many(label, f"{len(kept):,} pieces of ink", max_pieces)
+    boxes = [
+        _Box(int(left[i]), int(top[i]), int(right[i]) + 1, int(bottom[i]) + 1, {int(i) + 1})
+        for i in kept
+    ]
+    return boxes, sizes
+
+
 def _ndimage() -> Any:
     try:
         from scipy import ndimage
@@ -184,15 +245,22 @@ def _ndimage() -> Any:
 
 
 def _merge_stacked(boxes: list[_Box]) -> list[_Box]:
+    """Boxes sorted by their left edge; each joins the first box kept so far that overlaps it
+    over half the narrower one's width. Only the kept boxes still reaching past its left
+    edge can: the others are set aside (the pieces after it start further right still), so a
+    picture of many columns of pieces costs their number, not its square."""
     merged: list[_Box] = []
+    reaching: list[_Box] = []  # kept boxes whose right edge is past the current left edge
     for box in boxes:
-        for kept in merged:
+        reaching = [kept for kept in reaching if kept.right > box.left]
+        for kept in reaching:
             overlap = min(kept.right, box.right) - max(kept.left, box.left)
             if overlap >= _MERGE_OVERLAP * min(kept.width, box.width):
                 kept.absorb(box)
                 break
         else:
             merged.append(box)
+            reaching.append(box)
     return merged
 
 
@@ -212,10 +280,16 @@ def _absorb_fragments(boxes: list[_Box], sizes: np.ndarray) -> list[_Box]:
     kept = [b for b, amount in zip(boxes, ink, strict=True) if not fragment(b, amount)]
     if not kept:
         return boxes
+    # The kept boxes' edges as arrays: the nearest one (the first of equals, as min() picks)
+    # in one vectorised step per fragment; edges move as fragments join.
+    lefts = np.array([k.left for k in kept])
+    rights = np.array([k.right for k in kept])
     for box, amount in zip(boxes, ink, strict=True):
         if fragment(box, amount):
-            nearest = min(kept, key=lambda k: max(0, k.left - box.right, box.left - k.right))
-            nearest.absorb(box)
+            gaps = np.maximum(0, np.maximum(lefts - box.right, box.left - rights))
+            nearest = int(np.argmin(gaps))
+            kept[nearest].absorb(box)
+            lefts[nearest], rights[nearest] = kept[nearest].left, kept[nearest].right
     return kept
 
 
@@ -223,9 +297,9 @@ def _cuts(ink: np.ndarray, height: float) -> list[tuple[int, int]]:
     """Column ranges of the digits in one piece: the whole piece, or, when it is too wide
     for one digit, cuts at the thinnest ink near evenly spaced positions."""
     width = ink.shape[1]
-    if width <= _MAX_DIGIT_ASPECT * height:
+    digits = _digit_count(width, height)
+    if digits == 1:
         return [(0, width)]
-    digits = max(2, round(width / (_DIGIT_PITCH * height)))
     column_ink = ink.sum(axis=0)
     cuts = [0]
     for i in range(1, digits):
@@ -237,3 +311,10 @@ def _cuts(ink: np.ndarray, height: float) -> list[tuple[int, int]]:
         cuts.append(low + int(np.argmin(column_ink[low:high])))
     cuts.append(width)
     return list(itertools.pairwise(cuts))
+
+
+def _digit_count(width: int, height: float) -> int:
+    """How many digits a piece this wide holds, among digits this tall."""
+    if width <= _MAX_DIGIT_ASPECT * height:
+        return 1
+    return max(2, round(width / (_DIGIT_PITCH * height)))

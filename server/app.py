@@ -1,5 +1,9 @@
 """Wiring: repository -> data plane -> fronts (digits.v1, OIP gRPC, HTTP), health, reflection,
-metrics, signals; `run` starts one server or the supervisor of several."""
+metrics, signals; `run` starts one server or the supervisor of several.
+
+Start-up refuses in one line ("not starting: ...", exit 1), cheapest checks first: the ports
+are bound before any model is loaded (`reserve_port`), and with --workers N the models are
+loaded once in this process before any worker exists (`probe`)."""
 
 from __future__ import annotations
 
@@ -10,23 +14,28 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from digit_recognizer.server import logs, metrics
+from digit_recognizer.server import logs, metrics, tracing
 from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.dataplane import DataPlane
-from digit_recognizer.server.errors import ModelError
+from digit_recognizer.server.errors import ModelError, StartupError
 from digit_recognizer.server.http import HttpFront, build_app
-from digit_recognizer.server.inference import Model
+from digit_recognizer.server.inference import InferenceOptions, Model
 from digit_recognizer.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from digit_recognizer.server.oip import InferenceService
 from digit_recognizer.server.repository import ModelRepository
 from digit_recognizer.server.service import SERVICE_NAME, DigitClassifierService
-from digit_recognizer.server.supervisor import supervise
+from digit_recognizer.server.supervisor import (
+    WorkerLink,
+    release_signals,
+    reserve_port,
+    supervise,
+)
 from digit_recognizer.server.tracing import Tracing
 
 log = logging.getLogger("digit_recognizer.server")
@@ -34,10 +43,6 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 STOP_GRACE_S = 1.0
 MAX_STREAMS_PER_CONNECTION = 1000  # calls and streams at once on one HTTP/2 connection
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-class StartupError(Exception):
-    """The server cannot start (bad model, port taken); one line for the operator."""
 
 
 @dataclass
@@ -97,23 +102,9 @@ async def start_server(
 async def _start(
     config: ServerConfig, plane: DataPlane, model: Model | None, reuse_port: bool
 ) -> RunningServer:
-    repository = ModelRepository(
-        plane,
-        config.model_repository or config.model,
-        is_directory=config.model_repository is not None,
-        policy=config.policy,
-        options=config.inference,
-        batcher_limits=config.batcher_limits,
-        interval_s=config.reload_interval_s,
-    )
+    repository = _repository(config, plane)
     await repository.load(model)
-    names = sorted({served.name for served in plane.served()})
-    plane.default_model = config.default_model or names[0]
-    if plane.default_model not in names:
-        raise StartupError(
-            f"--default-model {config.default_model!r} is not served; the repository serves "
-            + ", ".join(names)
-        )
+    _choose_default(config, plane)
     security = config.security
     token = security.token()  # read once: the gRPC interceptor and the HTTP front share it
     server = grpc.aio.server(
@@ -150,6 +141,7 @@ async def _start(
             config.host,
             config.http_port,
             reuse_port=reuse_port,
+            ssl_context=security.ssl_context(),  # the gRPC port's TLS, unless --http-plaintext
         )
         try:
             await http.start()
@@ -162,54 +154,87 @@ async def _start(
     return RunningServer(server, port, health_servicer, plane, repository, http)
 
 
-async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
-    """Run one server until SIGTERM/SIGINT, then drain. Returns the exit code."""
+def _repository(
+    config: ServerConfig, plane: DataPlane, options: InferenceOptions | None = None
+) -> ModelRepository:
+    return ModelRepository(
+        plane,
+        config.model_repository or config.model,
+        is_directory=config.model_repository is not None,
+        policy=config.policy,
+        options=options or config.inference,
+        batcher_limits=config.batcher_limits,
+        interval_s=config.reload_interval_s,
+    )
+
+
+def _choose_default(config: ServerConfig, plane: DataPlane) -> None:
+    names = sorted({served.name for served in plane.served()})
+    plane.default_model = config.default_model or names[0]
+    if plane.default_model not in names:
+        raise StartupError(
+            f"--default-model {config.default_model!r} is not served; the repository serves "
+            + ", ".join(names)
+        )
+
+
+def probe(config: ServerConfig) -> None:
+    """What every worker's start would refuse (a corrupt model, no servable version, an
+    unserved --default-model), refused once, here, before any worker exists. On the CPU with
+    one thread, whatever --provider says: this process serves no calls, and a CUDA context
+    would hold GPU memory in it for nothing (the workers still check CUDA themselves)."""
+    asyncio.run(_probe(config))
+
+
+async def _probe(config: ServerConfig) -> None:
+    plane = DataPlane(config.request_limits, config.batcher_limits)
+    options = replace(config.inference, provider="cpu", intra_op_threads=1)
+    try:
+        with logs.silenced("digit_recognizer.server"):  # the first worker says what it loads
+            await _repository(config, plane, options).load()
+        _choose_default(config, plane)
+    finally:
+        await plane.close()
+
+
+async def serve(config: ServerConfig, *, worker: WorkerLink | None = None) -> int:
+    """Run one server until SIGTERM/SIGINT, then drain. Returns the exit code.
+
+    `worker`: one of --workers N, sharing the ports (SO_REUSEPORT); it tells the supervisor
+    when it serves or why it cannot, and the supervisor prints those lines once for all."""
     stopping = asyncio.Event()  # before anything else: a signal during start-up means stop
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # A worker keeps SIGINT held for good (its supervisor decides when it stops; a terminal's
+    # Ctrl-C reaches every process of the group).
+    signals = frozenset({signal.SIGTERM} if worker else {signal.SIGTERM, signal.SIGINT})
+    for signum in signals:
         loop.add_signal_handler(signum, stopping.set)
+    release_signals(signals)  # held since the process started (cli.py): taken from now on
+    if worker is not None:
+        worker.on_supervisor_exit(loop, stopping.set)
     try:
-        running = await start_server(config, reuse_port=reuse_port)
+        running = await start_server(config, reuse_port=worker is not None)
     except (ModelError, StartupError) as exc:
-        log.error("not starting: %s", exc)
+        _not_starting(exc, worker)
         return 1
     if config.metrics_port is not None:  # None for --workers' processes: the supervisor serves
         try:  # only now: a server that cannot start logs one line, not a metrics line first
             start_metrics(config)
         except StartupError as exc:
-            log.error("not starting: %s", exc)
+            _not_starting(exc, worker)
             await running.stop(0)
             return 1
     plane = running.plane
-    default = plane.resolve()
-    log.info(
-        "serving",
-        extra={
-            "fields": {
-                "model": str(config.model_repository or config.model),
-                "models": " ".join(f"{s.name}:{s.version}" for s in plane.served()),
-                "default_model": plane.default_model,
-                "name": default.name,
-                "version": default.version,
-                "sha256": default.model.file_sha256,
-                "provider": default.model.provider,
-                "max_batch_size": config.max_batch_size,
-                "max_delay_us": config.max_delay_us,
-                "max_queue_size": config.max_queue_size,
-                "max_images_per_request": config.max_images_per_request,
-                "address": f"{config.host}:{running.port}",
-                "http_port": running.http.port if running.http else "off",
-                "tls": "mutual" if config.tls_client_ca else "on" if config.tls_cert else "off",
-                "auth": "bearer token" if config.auth_token_file else "none",
-                "pid": os.getpid(),
-            }
-        },
-    )
-    if running.http is not None:
-        host = config.host.strip("[]")
-        shown = "localhost" if host in ("", "::", "0.0.0.0") else host
-        url = f"http://{f'[{shown}]' if ':' in shown else shown}:{running.http.port}/"
-        log.info("page", extra={"fields": {"url": url}})
+    fields = _serving_fields(config, running)
+    url = _page_url(config, running.http)
+    logs.started()
+    if worker is None:
+        log.info("serving", extra={"fields": fields})
+        if url:
+            log.info("page", extra={"fields": {"url": url}})
+    else:
+        log.debug("serving", extra={"fields": fields})
+        worker.serving(fields, url)
     await stopping.wait()
     log.info(
         "draining",
@@ -227,19 +252,90 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
     return 0
 
 
+def _not_starting(exc: Exception, worker: WorkerLink | None) -> None:
+    if worker is None:
+        log.error("not starting: %s", exc)
+    else:  # every worker would say the same: the supervisor says it once
+        log.debug("not starting: %s", exc)
+        worker.failed(str(exc))
+
+
+def _serving_fields(config: ServerConfig, running: RunningServer) -> dict[str, object]:
+    plane = running.plane
+    default = plane.resolve()
+    security = config.security
+    return {
+        "model": str(config.model_repository or config.model),
+        "models": " ".join(f"{s.name}:{s.version}" for s in plane.served()),
+        "default_model": plane.default_model,
+        "name": default.name,
+        "version": default.version,
+        "sha256": default.model.file_sha256,
+        "provider": default.model.provider,
+        "max_batch_size": config.max_batch_size,
+        "max_delay_us": config.max_delay_us,
+        "max_queue_size": config.max_queue_size,
+        "max_images_per_request": config.max_images_per_request,
+        "address": f"{config.host}:{running.port}",
+        "http_port": running.http.port if running.http else "off",
+        **({"http_tls": security.http_tls} if running.http else {}),
+        "tls": security.tls,
+        "auth": "bearer token" if config.auth_token_file else "none",
+        "pid": os.getpid(),
+    }
+
+
+def _page_url(config: ServerConfig, http: HttpFront | None) -> str | None:
+    if http is None:
+        return None
+    host = config.host.strip("[]")
+    shown = "localhost" if host in ("", "::", "0.0.0.0") else host
+    scheme = "https" if http.tls else "http"
+    return f"{scheme}://{f'[{shown}]' if ':' in shown else shown}:{http.port}/"
+
+
 def run(config: ServerConfig) -> int:
     """The process entry point: one server, or a supervisor of `config.workers` servers."""
     _give_back_large_allocations()
-    if config.workers == 1:
-        return asyncio.run(serve(config))
-    return supervise(config, worker_main, start_metrics)
+    for problem in tracing.configuration_problems():  # once, not once per worker
+        log.warning("tracing: %s", problem)
+    security = config.security
+    if config.http_port is not None and security.http_tls != security.tls:
+        log.warning(
+            "--http-plaintext: the HTTP port serves plain HTTP while gRPC has TLS; bearer "
+            "tokens and pictures cross it in clear"
+        )
+    try:
+        if config.workers > 1:
+            return supervise(config, worker_main, start_metrics, probe)
+        _check_ports(config)
+    except (ModelError, StartupError) as exc:
+        log.error("not starting: %s", exc)
+        return 1
+    return asyncio.run(serve(config))
+
+
+def _check_ports(config: ServerConfig) -> None:
+    """Each port the server will bind, bound and let go at once: a busy one is one line
+    before the model loads (and before grpc core prints its own line about it)."""
+    for purpose, host, port in (
+        ("listen on", config.host, config.port),
+        ("serve HTTP on", config.host, config.http_port),
+        ("serve metrics on", config.metrics_host or "0.0.0.0", config.metrics_port),
+    ):
+        if port:  # None: not served; 0: any free port, never busy
+            with reserve_port(host, port, purpose, shared=False):
+                pass
 
 
 def start_metrics(config: ServerConfig) -> None:
     try:
         server = metrics.serve_metrics(config.metrics_port or 0, config.metrics_host)
     except OSError as exc:
-        raise StartupError(f"cannot serve metrics on port {config.metrics_port} ({exc})") from None
+        reason = (exc.strerror or str(exc)).lower()
+        raise StartupError(
+            f"cannot serve metrics on port {config.metrics_port} ({reason})"
+        ) from None
     log.info(
         "metrics",
         extra={
@@ -263,8 +359,12 @@ def _give_back_large_allocations() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
-def worker_main(config: ServerConfig) -> None:
+def worker_main(config: ServerConfig, link: WorkerLink) -> None:
     """One of --workers N: a whole server in a spawned process."""
+    # The supervisor's SIGTERM may come while this one still starts: held until serve() has
+    # its handler. (Before this line, during the imports, it simply ends the process.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     _give_back_large_allocations()
-    logs.configure_logging(config.log_level, config.log_format)
-    sys.exit(asyncio.run(serve(config, reuse_port=True)))
+    # The first worker says what every worker would while starting; the others only errors.
+    logs.configure_logging(config.log_level, config.log_format, quiet_start=link.index > 0)
+    sys.exit(asyncio.run(serve(config, worker=link)))

@@ -1,15 +1,48 @@
-"""`digit-server`: serve an ONNX model over gRPC. Every flag is also a DIGITS_* variable."""
+"""`digit-server`: serve an ONNX model over gRPC. Every flag is also a variable: DIGITS_ and the
+flag's name (--grace-period: DIGITS_GRACE_PERIOD)."""
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import platform
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
-from digit_recognizer.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig
+from digit_recognizer.server.config import CONTROL_MODES, LOG_FORMATS, LOG_LEVELS, ServerConfig
 from digit_recognizer.server.cpus import available_cpus
 
 _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
+ENV_PREFIX = "DIGITS_"
+_DEPRECATED_USED = "digits_deprecated_envvars"  # ctx.meta key: (old, new) names read
+
+
+class _Option(click.Option):
+    """An option read from DIGITS_<FLAG NAME>, and, with a warning, from the name click's
+    auto_envvar_prefix gave it before: DIGITS_<PARAMETER NAME> (DIGITS_GRACE_S)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        old = f"{ENV_PREFIX}{(self.name or '').upper()}"
+        self.deprecated_envvar = old if old != self.envvar else None
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is None and self.deprecated_envvar and os.environ.get(self.deprecated_envvar):
+            ctx.meta.setdefault(_DEPRECATED_USED, []).append((self.deprecated_envvar, self.envvar))
+            return os.environ[self.deprecated_envvar]
+        return value
+
+
+def option(*declarations: str, **settings: Any) -> Callable[[Any], Any]:
+    """click.option with its variable named after the flag, shown in --help."""
+    flag = next(d for d in declarations if d.startswith("--")).split("/")[0]
+    envvar = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+    return click.option(*declarations, cls=_Option, envvar=envvar, show_envvar=True, **settings)
 
 
 def _workers(_ctx: click.Context, _param: click.Parameter, value: str | int) -> int:
@@ -21,214 +54,234 @@ def _workers(_ctx: click.Context, _param: click.Parameter, value: str | int) -> 
         raise click.BadParameter(f"must be a whole number or auto, got {value!r}") from None
 
 
-@click.command(
-    context_settings={
-        "help_option_names": ["-h", "--help"],
-        "auto_envvar_prefix": "DIGITS",
-        "show_default": True,
-    }
-)
-@click.option(
+def _installed(*distributions: str) -> str:
+    import importlib.metadata
+
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def version_line() -> str:
+    """What --version prints: this package, and the two libraries that do the serving."""
+    return (
+        f"digit-server {_installed('digit-recognizer')} "
+        f"(onnxruntime {_installed('onnxruntime', 'onnxruntime-gpu')}, "
+        f"grpcio {_installed('grpcio')}, Python {platform.python_version()})"
+    )
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit(0)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@option(
     "--model",
     type=click.Path(path_type=Path),
     default=_DEFAULTS.model,
-    show_envvar=True,
     help="The ONNX model written by digit-train: a repository of one model, named and "
     "versioned by its model card. Replace the file to serve a new version.",
 )
-@click.option(
+@option(
     "--model-repository",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    show_envvar=True,
     help="Serve every model of DIR/<name>/<version>/model.onnx (Triton's layout; versions "
     "are positive integers) instead of --model. Watched: versions come and go while serving.",
 )
-@click.option(
+@option(
     "--version-policy",
     default=_DEFAULTS.version_policy,
-    show_envvar=True,
-    help="Which versions of each repository model are served: latest, all, or specific:1,3.",
+    help="Which versions of each repository model are served: latest, all, or specific:1,3 "
+    "(a model's config.pbtxt may say otherwise).",
 )
-@click.option(
+@option(
+    "--model-control-mode",
+    type=click.Choice(CONTROL_MODES),
+    default=_DEFAULTS.model_control_mode,
+    help="Triton's model control. poll: the repository is watched (--reload-interval); none: "
+    "what is there at start is served until a restart; explicit: the --load-model models, "
+    "then what load and unload requests ask (RepositoryModelLoad/Unload).",
+)
+@option(
+    "--load-model",
+    multiple=True,
+    help="With --model-control-mode explicit: a model of the repository to serve at start "
+    "(repeat it for several; '*' alone = all).",
+)
+@option(
     "--default-model",
     default=_DEFAULTS.default_model,
-    show_envvar=True,
     help="The model that calls naming none get. Default: the first name in the repository.",
 )
-@click.option(
+@option(
     "--host",
     default=_DEFAULTS.host,
-    show_envvar=True,
     help="Address to listen on ([::] = every interface, IPv4 and IPv6).",
 )
-@click.option(
+@option(
     "--port",
     type=int,
     default=_DEFAULTS.port,
-    show_envvar=True,
     help="gRPC port; 0 picks a free one (logged at start).",
 )
-@click.option(
+@option(
     "--provider",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
-    show_envvar=True,
     help="onnxruntime execution provider. auto: CUDA when it really works, else CPU; "
     "cuda: refuse to start without it.",
 )
-@click.option(
+@option(
     "--max-batch-size",
     type=int,
     default=_DEFAULTS.max_batch_size,
-    show_envvar=True,
     help="Images per model run.",
 )
-@click.option(
+@option(
     "--max-delay-us",
     type=int,
     default=_DEFAULTS.max_delay_us,
-    show_envvar=True,
     help="Longest wait for a batch to fill, from the oldest queued image; "
     "0 = run at once when the model is free.",
 )
-@click.option(
+@option(
     "--max-queue-size",
     type=int,
     default=_DEFAULTS.max_queue_size,
-    show_envvar=True,
     help="Images queued before new requests get RESOURCE_EXHAUSTED.",
 )
-@click.option(
+@option(
     "--inline-max-us",
     type=int,
     default=_DEFAULTS.inline_max_us,
-    show_envvar=True,
     help="Model runs expected (from the last run) to take at most this many microseconds "
     "execute on the event loop thread, cheaper than a thread hand-off; longer ones on a "
     "worker thread. 0 = always the worker thread.",
 )
-@click.option(
+@option(
     "--max-images-per-request",
     type=int,
     default=_DEFAULTS.max_images_per_request,
-    show_envvar=True,
     help="Larger requests get INVALID_ARGUMENT.",
 )
-@click.option(
+@option(
     "--intra-op-threads",
     type=int,
     default=_DEFAULTS.intra_op_threads,
-    show_envvar=True,
     help="onnxruntime threads per model run; 0 = its default.",
 )
-@click.option(
+@option(
     "--spin-wait/--no-spin-wait",
     default=_DEFAULTS.spin_wait,
-    show_envvar=True,
     help="Let onnxruntime threads spin between runs: faster large batches, less CPU left for gRPC.",
 )
-@click.option(
+@option(
     "--allow-tf32/--no-allow-tf32",
     default=_DEFAULTS.allow_tf32,
-    show_envvar=True,
     help="CUDA: let matrix products run in TF32 (faster; probabilities then differ from the "
-    "CPU's by ~1e-3, beyond the 1e-5 the export is verified to). Off: full float32.",
+    "CPU's by ~5.6e-4 measured on an H100, beyond the 1e-5 the export is verified to). "
+    "Off: full float32.",
 )
-@click.option(
+@option(
     "--workers",
     default="auto",
     show_default=True,
-    show_envvar=True,
     callback=_workers,
     help="Server processes sharing the port (SO_REUSEPORT). auto: one per CPU this process may "
     "use (its affinity mask, capped by a cgroup CPU quota such as a Kubernetes limit).",
 )
-@click.option(
+@option(
     "--http-port",
     type=int,
     default=None,
-    show_envvar=True,
     help="Also serve HTTP here: the draw-a-digit page at /, Open Inference Protocol REST "
     "(/v2/...) and picture upload (POST /v1/classify). Off unless given; 0 = any free port.",
 )
-@click.option(
+@option(
     "--metrics-port",
     type=int,
     default=_DEFAULTS.metrics_port,
-    show_envvar=True,
     help="Prometheus /metrics port; 0 picks a free one.",
 )
-@click.option(
+@option(
     "--metrics-host",
     default=_DEFAULTS.metrics_host,
-    show_envvar=True,
     help="Address of the metrics endpoint. It needs no token, so loopback unless you open it "
     "(0.0.0.0 in containers, where Prometheus scrapes it).",
 )
-@click.option("--no-metrics", is_flag=True, show_envvar=True, help="Serve no metrics endpoint.")
-@click.option(
+@option("--no-metrics", is_flag=True, help="Serve no metrics endpoint.")
+@option(
     "--grace-period",
     "grace_s",
     type=float,
     default=_DEFAULTS.grace_s,
-    show_envvar=True,
     help="Seconds after SIGTERM (and --drain-delay) to serve calls until they stop arriving "
     "and finish those in progress; what is left then is ended.",
 )
-@click.option(
+@option(
     "--drain-delay",
     "drain_delay_s",
     type=float,
     default=_DEFAULTS.drain_delay_s,
-    show_envvar=True,
     help="Seconds to keep serving normally after SIGTERM (health already NOT_SERVING) before "
     "draining starts: the time endpoint removal takes to reach clients (Kubernetes: ~5).",
 )
-@click.option(
+@option(
     "--reload-interval",
     "reload_interval_s",
     type=float,
     default=_DEFAULTS.reload_interval_s,
-    show_envvar=True,
     help="Seconds between checks of the model file or repository for new versions "
     "(hot reload); 0 = off.",
 )
-@click.option(
+@option(
     "--tls-cert",
     type=click.Path(path_type=Path),
-    show_envvar=True,
     help="PEM certificate chain of this server (with --tls-key).",
 )
-@click.option(
-    "--tls-key", type=click.Path(path_type=Path), show_envvar=True, help="PEM private key."
-)
-@click.option(
+@option("--tls-key", type=click.Path(path_type=Path), help="PEM private key.")
+@option(
     "--tls-client-ca",
     type=click.Path(path_type=Path),
-    show_envvar=True,
     help="PEM CA bundle: require client certificates it signed (mutual TLS).",
 )
-@click.option(
+@option(
     "--auth-token-file",
     type=click.Path(path_type=Path),
-    show_envvar=True,
     help="File with a bearer token every call (but health checks) must present.",
 )
-@click.option(
+@option(
     "--plaintext",
     is_flag=True,
-    show_envvar=True,
     help="Serve without TLS. Required when no --tls-cert is given, so it is never an accident.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default=_DEFAULTS.log_level,
-    show_envvar=True,
+@option(
+    "--http-plaintext",
+    is_flag=True,
+    help="Serve the HTTP port (--http-port) without TLS although gRPC has it (a proxy in front "
+    "terminates TLS). WARNING: bearer tokens and pictures then cross that port in clear.",
 )
+@option(
+    "--log-level",
+    # Shown and typed in lowercase like every other choice; logging's names are uppercase.
+    type=click.Choice([level.lower() for level in LOG_LEVELS], case_sensitive=False),
+    default=_DEFAULTS.log_level.lower(),
+)
+@option("--log-format", type=click.Choice(LOG_FORMATS), default=_DEFAULTS.log_format)
 @click.option(
-    "--log-format", type=click.Choice(LOG_FORMATS), default=_DEFAULTS.log_format, show_envvar=True
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the versions of digit-server, onnxruntime and grpcio, and exit.",
 )
 @click.pass_context
 def main(ctx: click.Context, no_metrics: bool, **options: object) -> None:
@@ -241,22 +294,88 @@ def main(ctx: click.Context, no_metrics: bool, **options: object) -> None:
       digit-server --model m.onnx --tls-cert cert.pem --tls-key key.pem --auth-token-file t
       DIGITS_PLAINTEXT=1 DIGITS_PORT=6000 DIGITS_LOG_FORMAT=json digit-server
     """
-    from digit_recognizer.server.app import StartupError, run
+    from digit_recognizer.server.supervisor import held_signals
+
+    # Before the heavy imports that validation and start-up begin: a Ctrl-C or SIGTERM from
+    # here on ends the start cleanly (exit 0), whenever it comes.
+    with held_signals():
+        raise SystemExit(_serve(ctx, no_metrics, options))
+
+
+def _serve(ctx: click.Context, no_metrics: bool, options: dict[str, object]) -> int:
+    from digit_recognizer.server.app import run
     from digit_recognizer.server.logs import configure_logging
 
     given = click.core.ParameterSource.DEFAULT
+    problems = []
     if options["model_repository"] is not None and ctx.get_parameter_source("model") != given:
-        raise click.UsageError("give --model or --model-repository, not both")
+        problems.append("give --model or --model-repository, not both")
     options["log_level"] = str(options["log_level"]).upper()
     if no_metrics:
         options["metrics_port"] = None
     config = ServerConfig(**options)  # type: ignore[arg-type]
-    problems = config.validate()
+    problems += config.validate()
     if problems:
         raise click.UsageError("\n".join(problems))
     configure_logging(config.log_level, config.log_format)
+    log = logging.getLogger("digit_recognizer.server")
+    for old, new in ctx.meta.get(_DEPRECATED_USED, []):
+        log.warning("%s is a deprecated name: use %s (read this time)", old, new)
+    if unknown := unknown_env_vars(os.environ):
+        log.warning("unknown settings, ignored: %s", "; ".join(unknown))
+    return run(config)
+
+
+def known_env_vars() -> set[str]:
+    """Every variable digit-server reads: DIGITS_ and a flag's name, one per flag."""
+    return {p.envvar for p in main.params if isinstance(p, _Option) and isinstance(p.envvar, str)}
+
+
+def deprecated_env_vars() -> dict[str, str]:
+    """Old names still read (with a warning at start) -> the names that replace them."""
+    return {
+        p.deprecated_envvar: str(p.envvar)
+        for p in main.params
+        if isinstance(p, _Option) and p.deprecated_envvar
+    }
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """DIGITS_* variables that neither digit-server nor digit-client reads, each with the
+    closest name the server knows when one is close ("DIGITS_GRACE (did you mean
+    DIGITS_GRACE_PERIOD?)"). A typo'd setting is otherwise silently ignored."""
+    known = known_env_vars() | set(deprecated_env_vars())
+    candidates = sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known)
+    if candidates:  # the shell that starts the server may hold digit-client's settings
+        candidates = [n for n in candidates if n not in _client_env_vars()]
+    # Compared without the prefix that they all share, or every name looks close to all; the
+    # cutoff keeps DIGITS_GRACE -> DIGITS_GRACE_PERIOD (0.59) and drops unrelated names (0.5).
+    names = {n.removeprefix(ENV_PREFIX): n for n in known_env_vars()}
+    described = []
+    for name in candidates:
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), names, n=1, cutoff=0.58)
+        described.append(f"{name} (did you mean {names[close[0]]}?)" if close else name)
+    return described
+
+
+def _client_env_vars() -> set[str]:
+    """The variables digit-client reads (click's auto_envvar_prefix: the group's options as
+    DIGITS_<NAME>, a command's as DIGITS_<COMMAND>_<NAME>)."""
     try:
-        code = run(config)
-    except StartupError as exc:
-        raise click.ClickException(str(exc)) from None
-    raise SystemExit(code)
+        from digit_recognizer.client.cli import main as client
+    except Exception:  # another program's CLI: never a reason for the server not to start
+        return set()
+    return set(_click_env_vars(client, "DIGITS"))
+
+
+def _click_env_vars(command: click.Command, prefix: str) -> Iterable[str]:
+    for param in command.params:
+        if isinstance(param, click.Option):
+            envvar = param.envvar
+            if envvar:
+                yield from [envvar] if isinstance(envvar, str) else envvar
+            elif param.name:
+                yield f"{prefix}_{param.name.upper()}"
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _click_env_vars(sub, f"{prefix}_{name.upper().replace('-', '_')}")

@@ -1,19 +1,25 @@
-"""Server configuration: one frozen dataclass, validated at start with one line per problem."""
+"""Server configuration: one frozen dataclass, validated at start with one line per problem.
+
+Light to import: the modules its parts come from (onnxruntime, grpc, protobuf among them) are
+imported only when a part is asked for, so that `digit-server` can take signals, print --help
+and --version before those seconds of imports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from digit_recognizer.server.batcher import BatcherLimits
-from digit_recognizer.server.dataplane import RequestLimits
-from digit_recognizer.server.inference import InferenceOptions
-from digit_recognizer.server.repository import VersionPolicy
-from digit_recognizer.server.security import SecurityConfig
-from digit_recognizer.server.validation import max_message_bytes
+if TYPE_CHECKING:
+    from digit_recognizer.server.batcher import BatcherLimits
+    from digit_recognizer.server.dataplane import RequestLimits
+    from digit_recognizer.server.inference import InferenceOptions
+    from digit_recognizer.server.repository import VersionPolicy
+    from digit_recognizer.server.security import SecurityConfig
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # logging's names; the flag takes lowercase
 LOG_FORMATS = ("text", "json")
+CONTROL_MODES = ("none", "poll", "explicit")  # repository.py's, without importing it
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,8 @@ class ServerConfig:
     model: Path  # a repository of one model, unless model_repository is given
     model_repository: Path | None = None  # DIR/<name>/<version>/model.onnx
     version_policy: str = "latest"  # latest | all | specific:1,3
+    model_control_mode: str = "poll"  # none | poll | explicit (Triton's names)
+    load_model: tuple[str, ...] = ()  # explicit mode: the models served at start; "*" = all
     default_model: str = ""  # what an empty model name means; "" = the first name served
     host: str = "[::]"
     port: int = 50051
@@ -32,7 +40,7 @@ class ServerConfig:
     max_images_per_request: int = 1024
     intra_op_threads: int = 0
     spin_wait: bool = False
-    allow_tf32: bool = False  # CUDA only: faster, but outputs differ from the CPU's by ~1e-3
+    allow_tf32: bool = False  # CUDA only: faster, but outputs differ from the CPU's (5.6e-4)
     workers: int = 1
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"  # unauthenticated: loopback unless asked (containers do)
@@ -47,40 +55,81 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
     plaintext: bool = False  # serving without TLS must be asked for
+    http_plaintext: bool = False  # plain HTTP beside TLS gRPC must be asked for too
 
     @property
     def security(self) -> SecurityConfig:
+        from digit_recognizer.server.security import SecurityConfig
+
         return SecurityConfig(
-            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token_file, self.plaintext
+            self.tls_cert,
+            self.tls_key,
+            self.tls_client_ca,
+            self.auth_token_file,
+            self.plaintext,
+            self.http_plaintext,
         )
 
     @property
     def batcher_limits(self) -> BatcherLimits:
+        from digit_recognizer.server.batcher import BatcherLimits
+
         return BatcherLimits(
             self.max_batch_size, self.max_delay_us, self.max_queue_size, self.inline_max_us
         )
 
     @property
     def inference(self) -> InferenceOptions:
+        from digit_recognizer.server.inference import InferenceOptions
+
         return InferenceOptions(
             self.provider, self.intra_op_threads, self.spin_wait, self.allow_tf32
         )
 
     @property
     def request_limits(self) -> RequestLimits:
+        from digit_recognizer.server.dataplane import RequestLimits
+
         return RequestLimits(self.max_images_per_request, self.max_message_bytes)
 
     @property
     def policy(self) -> VersionPolicy:
+        from digit_recognizer.server.repository import VersionPolicy
+
         return VersionPolicy.parse(self.version_policy)
 
     @property
     def max_message_bytes(self) -> int:
+        from digit_recognizer.server.validation import max_message_bytes
+
         return max_message_bytes(self.max_images_per_request)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def _control_problems(self) -> list[str]:
+        mode, names = self.model_control_mode, self.load_model
+        if mode not in CONTROL_MODES:
+            return [f"--model-control-mode must be {', '.join(CONTROL_MODES)}, got {mode!r}"]
+        if mode != "explicit":
+            return ["--load-model needs --model-control-mode explicit"] if names else []
+        problems = []
+        if self.model_repository is None:
+            problems.append("--model-control-mode explicit needs --model-repository")
+        if not names:
+            problems.append(
+                "--model-control-mode explicit: name the models to serve at start with "
+                "--load-model NAME (or --load-model '*' for all)"
+            )
+        elif "*" in names and len(set(names)) > 1:
+            problems.append("--load-model '*' means every model: give it alone")
+        if self.workers > 1:  # each worker has its own repository; a request reaches one
+            problems.append(
+                "--model-control-mode explicit needs --workers 1: a load or unload request "
+                "would reach one worker process only"
+            )
+        return problems
 
     def validate(self) -> list[str]:
         # The batcher names its fields; here they are spelled as the flags the user typed.
@@ -91,12 +140,14 @@ class ServerConfig:
         if self.model_repository is not None:
             if not self.model_repository.is_dir():
                 problems.append(f"--model-repository {self.model_repository}: no such directory")
-            try:
-                self.policy  # noqa: B018 (parsed for its error)
-            except ValueError as exc:
-                problems.append(f"--version-policy {exc}")
         elif not self.model.is_file():
             problems.append(f"--model {self.model}: no such file")
+        # Parsed whatever the source: --model FILE is a repository of one model, and its
+        # start parses the policy too (a wrong one used to escape here as a traceback).
+        try:
+            self.policy  # noqa: B018 (parsed for its error)
+        except ValueError as exc:
+            problems.append(f"--version-policy {exc}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -118,6 +169,7 @@ class ServerConfig:
             problems.append(f"--intra-op-threads must be >= 0, got {self.intra_op_threads}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        problems += self._control_problems()
         if self.reload_interval_s < 0:
             problems.append(f"--reload-interval must be >= 0 seconds, got {self.reload_interval_s}")
         if self.drain_delay_s < 0:

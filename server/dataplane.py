@@ -17,17 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, BatchResult
-from digit_recognizer.server.errors import ModelNotFound, ServingError, Status, to_status
+from digit_recognizer.server.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ServingError,
+    Status,
+    to_status,
+)
 from digit_recognizer.server.inference import Model
+from digit_recognizer.server.model_config import ModelSettings
+from digit_recognizer.server.statistics import VersionStatistics
 from digit_recognizer.server.tracing import Carrier, Tracing
 
 log = logging.getLogger(__name__)
@@ -45,15 +53,17 @@ class RequestLimits:
 class ServedVersion:
     """One loaded model version, served by its own batcher under (name, version)."""
 
-    def __init__(self, name: str, version: str, model: Model, limits: BatcherLimits) -> None:
+    def __init__(self, name: str, version: str, model: Model, settings: ModelSettings) -> None:
         self.name = name
         self.version = version
         self.model = model
+        self.settings = settings  # its model's config.pbtxt over the flags (model_config.py)
         self.series = metrics.VersionSeries.of(name, version)
+        self.statistics = VersionStatistics()  # Triton's ModelStatistics of this version
         self.tracing = Tracing()  # the data plane's, once it serves this version
         self.batcher = Batcher(
             model.predict,
-            limits,
+            settings.batcher_limits,
             on_batch=self._record_batch,
             on_skip=lambda reason: self.series.skipped[reason].inc(),
             version=version,
@@ -67,6 +77,7 @@ class ServedVersion:
         """Another file for the same place: queued work runs on it from the next model run."""
         self.model, self.version = model, version
         self.series = metrics.VersionSeries.of(self.name, version)
+        self.statistics = VersionStatistics()
         self.batcher.swap(model.predict, version)
 
     @property
@@ -74,6 +85,7 @@ class ServedVersion:
         return self.model.card.labels
 
     def _record_batch(self, event: BatchEvent) -> None:
+        self.statistics.ran(event)
         self.series.batch_size.observe(event.size)
         self.series.batch_compute.observe(event.compute_us / 1e6)
         self.series.queue_depth.set(self.batcher.queued_images)  # sampled at every model run
@@ -112,6 +124,21 @@ class Classified:
         return cls(outputs[:, :classes], scores, is_digit, result)
 
 
+class ControlRefused(ServingError):
+    """A model load or unload that cannot be done: not in explicit model control mode, or
+    the model cannot be served (the message says why; what served before still does)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelControl(Protocol):
+    """What answers explicit load and unload requests: the repository (repository.py)."""
+
+    async def load_named(self, name: str) -> None: ...
+
+    async def unload_named(self, name: str) -> None: ...
+
+
 class CallFailed(Exception):
     """A call ended in an error status; the front sends `status` in its own wire format."""
 
@@ -136,6 +163,7 @@ class DataPlane:
         self.batcher_limits = batcher_limits
         self.default_model = ""
         self.tracing = Tracing()  # off; app.py turns it on from the OTEL_* environment
+        self.control: ModelControl | None = None  # the repository sets itself here
         self._models: dict[str, dict[str, ServedVersion]] = {}
         self._latest: dict[str, ServedVersion] = {}
         self._unavailable: dict[tuple[str, str], str] = {}
@@ -177,16 +205,46 @@ class DataPlane:
         if replaced is not None:
             self._close_later(replaced)
 
-    def retire(self, served: ServedVersion) -> None:
-        """Stop choosing `served`; what its batcher already accepted is still computed."""
+    def retire(self, served: ServedVersion) -> asyncio.Task[None] | None:
+        """Stop choosing `served`; what its batcher already accepted is still computed, and
+        the task returned ends when it has been (None: `served` was not being served)."""
         versions = self._models.get(served.name, {})
         if versions.get(served.version) is not served:
-            return
+            return None
         del versions[served.version]
         if not versions:
             del self._models[served.name]
         self._update_latest(served.name)
-        self._close_later(served)
+        return self._close_later(served)
+
+    async def load_model(self, name: str, parameters: Collection[str] = ()) -> None:
+        """Explicit model control: serve model `name` as the repository holds it now (read,
+        warmed up, then served). ControlRefused, ModelNotFound or InvalidInput say why not.
+        `parameters`: the names a load request carried; Triton's `config` override and
+        `file:` contents are not served, and are refused rather than ignored."""
+        if not name:
+            raise InvalidInput("name the model to load")
+        if parameters:
+            raise InvalidInput(
+                f"load parameters {', '.join(sorted(parameters))} are not supported: this server "
+                "loads what the repository holds (edit <name>/config.pbtxt and the version "
+                "folders, then load)"
+            )
+        await self._control("load").load_named(name)
+
+    async def unload_model(self, name: str, parameters: Collection[str] = ()) -> None:
+        """Explicit model control: stop serving `name`, once what it accepted is answered.
+        `unload_dependents` is accepted (nothing here depends on another model)."""
+        if not name:
+            raise InvalidInput("name the model to unload")
+        if unsupported := sorted(set(parameters) - {"unload_dependents"}):
+            raise InvalidInput(f"unload parameters {', '.join(unsupported)} are not supported")
+        await self._control("unload").unload_named(name)
+
+    def _control(self, action: str) -> ModelControl:
+        if self.control is None:
+            raise ControlRefused(f"explicit model {action} is not served here")
+        return self.control
 
     def mark_unavailable(self, name: str, version: str, reason: str) -> None:
         self._unavailable[(name, version)] = reason
@@ -279,12 +337,16 @@ class DataPlane:
         metrics.IN_FLIGHT.inc()
         try:
             result = await served.batcher.submit(pixels, deadline, span and span.get_span_context())
+        except Exception:
+            served.statistics.failed(round((time.monotonic() - arrived) * 1e9))
+            raise
         finally:
             metrics.IN_FLIGHT.dec()
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
         served.series.images.inc(len(pixels))
+        served.statistics.succeeded(len(pixels), round((time.monotonic() - arrived) * 1e9), result)
         served.series.queue_wait.observe(result.queue_us / 1e6)
         if span is not None:
             self.tracing.stages(span, arrived, result.queue_us, result.compute_us)
@@ -341,11 +403,12 @@ class DataPlane:
         else:
             self._latest.pop(name, None)
 
-    def _close_later(self, served: ServedVersion) -> None:
+    def _close_later(self, served: ServedVersion) -> asyncio.Task[None]:
         self._model_info(served, 0)
         task = asyncio.get_running_loop().create_task(served.batcher.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        return task
 
     @staticmethod
     def _model_info(served: ServedVersion, value: int) -> None:

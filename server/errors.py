@@ -65,6 +65,11 @@ class ModelError(Exception):
     refuses to start with it, or the repository refuses that version and serves the rest."""
 
 
+class StartupError(Exception):
+    """The server cannot start (port taken, default model not served); one line for the
+    operator."""
+
+
 @dataclass(frozen=True)
 class Status:
     code: grpc.StatusCode

@@ -12,11 +12,14 @@ body is 8 GB), so an encoded body is refused, after the token check, before it i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
+import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -27,12 +30,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
-from digit_recognizer.client.reading import find_digits
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
+from digit_recognizer.server import model_config
 from digit_recognizer.server import openinference as oi
 from digit_recognizer.server.dataplane import Call, CallFailed, Classified, DataPlane, ServedVersion
 from digit_recognizer.server.errors import InvalidInput, Overloaded, first_line
+from digit_recognizer.server.reader import Found, Readers
 from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_http
+from digit_recognizer.server.tracing import HttpCall
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -50,13 +55,18 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # a model load or unload that cannot be done
 }
 _MAX_BODY = web.AppKey("max_body", int)
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
+# Triton's binary tensor data extension: the JSON's length in bytes; raw tensors follow it.
+INFERENCE_HEADER = "Inference-Header-Content-Length"
 
 
-def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Application:
+def build_app(
+    plane: DataPlane, max_body: int, token: str | None, workers: int = 1
+) -> web.Application:
     max_size = max(max_body, MAX_UPLOAD_BYTES)
     middlewares = [_bearer_token(token)] if token else []
     app = web.Application(
@@ -64,7 +74,7 @@ def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Applica
     )
     app[_MAX_BODY] = max_size
     app.on_response_prepare.append(_server_header)
-    routes = _Routes(plane)
+    routes = _Routes(plane, workers)
     app.router.add_get("/", routes.page)
     app.router.add_get("/favicon.ico", routes.icon)
     app.router.add_get("/v2/health/live", routes.live)
@@ -72,37 +82,49 @@ def build_app(plane: DataPlane, max_body: int, token: str | None) -> web.Applica
     app.router.add_get("/v2", routes.observed("http_server_metadata", routes.server_metadata))
     post = functools.partial(app.router.add_post, expect_handler=_expect_within_limit)
     post("/v2/repository/index", routes.observed("http_index", routes.index))
+    post("/v2/repository/models/{name}/load", routes.observed("http_load", routes.load))
+    post("/v2/repository/models/{name}/unload", routes.observed("http_unload", routes.unload))
+    # Before /v2/models/{name}, which "stats" would match too (as in Triton).
+    app.router.add_get("/v2/models/stats", routes.observed("http_statistics", routes.statistics))
     for prefix in (_MODEL, _VERSION):
         app.router.add_get(prefix, routes.observed("http_model_metadata", routes.metadata))
         app.router.add_get(
             f"{prefix}/ready", routes.observed("http_model_ready", routes.model_ready)
         )
+        app.router.add_get(f"{prefix}/config", routes.observed("http_model_config", routes.config))
+        app.router.add_get(f"{prefix}/stats", routes.observed("http_statistics", routes.statistics))
         post(f"{prefix}/infer", routes.observed("http_infer", routes.infer))
     post("/v1/classify", routes.observed("http_classify", routes.classify_picture))
     post("/v1/read", routes.observed("http_read", routes.read_picture))
+    app.on_cleanup.append(routes.close_readers)
     return app
 
 
-Route = Callable[[Call, web.Request], Awaitable[dict[str, Any] | list[Any]]]
+Route = Callable[[Call, web.Request], Awaitable[dict[str, Any] | list[Any] | web.Response]]
 T = TypeVar("T")
 
 
 class _Routes:
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, workers: int = 1) -> None:
         self._plane = plane
+        self._workers = workers  # --workers: the instance count the model config reports
         self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
+        self._readers = Readers(MAX_CONCURRENT_DECODES)  # a decode slot each: never waits
 
     def observed(self, method: str, route: Route) -> Callable[[web.Request], Awaitable[Any]]:
-        """The route as one observed data-plane call, answered as JSON."""
+        """The route as one observed data-plane call, answered as JSON (or as the response
+        the route made: binary tensors)."""
 
         async def handle(request: web.Request) -> web.Response:
             try:
-                body = await self._plane.observed(method, route, request, carrier=request.headers)
+                body = await self._plane.observed(method, route, request, carrier=_traced(request))
             except CallFailed as failed:
                 status = failed.status
                 return web.json_response(
                     {"error": status.message}, status=_HTTP_STATUS.get(status.code, 500)
                 )
+            if isinstance(body, web.Response):
+                return body
             return web.json_response(body)
 
         return handle
@@ -148,40 +170,106 @@ class _Routes:
             "outputs": [_tensor_json(t) for t in meta.outputs],
         }
 
-    async def model_ready(self, call: Call, request: web.Request) -> dict[str, Any]:
-        call.served = self._plane.resolve(*_model_of(request))
-        return {"name": call.served.name, "ready": not self._plane.draining}
+    async def model_ready(self, call: Call, request: web.Request) -> web.Response:
+        """200 when ready, else 400 as Triton answers (its clients read the status alone:
+        tritonclient's is_model_ready, kserve's), 404 for a model never heard of; the body
+        is always {"name", "ready"}."""
+        name, version = _model_of(request)
+        if self._plane.is_served(name, version):
+            call.served = self._plane.resolve(name, version)
+            ready = not self._plane.draining
+            return web.json_response({"name": name, "ready": ready}, status=200 if ready else 400)
+        known = any(
+            s.model == name and (not version or s.version == version)
+            for s in self._plane.statuses()
+        )  # a version that failed to load, or one not served any more
+        return web.json_response({"name": name, "ready": False}, status=400 if known else 404)
 
-    async def infer(self, call: Call, request: web.Request) -> dict[str, Any]:
-        body = await self._json_body(request)
+    async def config(self, call: Call, request: web.Request) -> dict[str, Any]:
+        """Triton's model configuration extension: what the version is served with."""
+        call.served = self._plane.resolve(*_model_of(request))
+        return oi.as_json(model_config.describe(call.served, workers=self._workers))
+
+    async def statistics(self, call: Call, request: web.Request) -> dict[str, Any]:
+        """Triton's statistics extension, this process's figures (statistics.py)."""
+        name, version = request.match_info.get("name", ""), request.match_info.get("version", "")
+        return oi.as_json(oi.statistics(self._plane, name, version))
+
+    async def infer(self, call: Call, request: web.Request) -> dict[str, Any] | web.Response:
+        """JSON tensors, or Triton's binary tensor data: a JSON header of the length in
+        INFERENCE_HEADER, then each input with a "binary_data_size" parameter as raw
+        little-endian bytes, in order; outputs asked for with "binary_data" (or all, with the
+        request's "binary_data_output") go back the same way after the reply's JSON."""
+        body, binary = await self._infer_body(request)
         served = self._plane.choose(call, *_model_of(request))
+        if body is None:  # Triton's raw binary request: the body is one image, FP32
+            body = _raw_binary_request(served, len(binary))
         inputs = body.get("inputs")
         if not isinstance(inputs, list):
             raise InvalidInput('the body needs "inputs": [{"name", "shape", "datatype", "data"}]')
-        headers, values = [], []
+        headers: list[oi.TensorHeader] = []
+        values: list[np.ndarray | bytes] = []
+        taken = 0  # bytes of `binary` the inputs so far hold
         for item in inputs:
             if not isinstance(item, dict):
                 raise InvalidInput("each input must be an object with name, shape, datatype, data")
             name = str(item.get("name", ""))
             headers.append(oi.TensorHeader(name, str(item.get("datatype", "")), _shape(item)))
-            values.append(_numbers(name, item.get("data", [])))
+            size = _parameter(item, "binary_data_size", int)
+            if size is None:
+                values.append(_numbers(name, item.get("data", [])))
+                continue
+            if "data" in item:
+                raise InvalidInput(f"input {name!r}: give data or binary_data_size, not both")
+            if taken + size > len(binary):
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size} runs past the end of the "
+                    f"{len(binary)} bytes of binary data after the JSON ({INFERENCE_HEADER})"
+                )
+            values.append(binary[taken : taken + size])
+            taken += size
+        if taken != len(binary):
+            raise InvalidInput(
+                f"{len(binary)} bytes of binary data follow the JSON, but the inputs' "
+                f"binary_data_size add up to {taken}"
+            )
         outputs = body.get("outputs") or []
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise InvalidInput('"outputs" must be a list of objects like {"name": "probabilities"}')
         wanted = [str(output.get("name", "")) for output in outputs]
+        all_binary = bool(_parameter(body, "binary_data_output", bool))
+        binary_out = {str(o.get("name", "")): _parameter(o, "binary_data", bool) for o in outputs}
         images = oi.check_request(served, headers, wanted)
         max_images = self._plane.limits.max_images_per_request
-        pixels = oi.to_pixels("inputs[0].data", images, values[0], max_images, headers[0].datatype)
+        data, field = values[0], "inputs[0].data"
+        if isinstance(data, bytes):
+            field = "inputs[0].parameters.binary_data_size"
+            data = oi.raw_values(field, headers[0], images, data)
+        pixels = oi.to_pixels(field, images, data, max_images, headers[0].datatype)
         result = await self._plane.classify(served, pixels, REQUEST_TIMEOUT_S)
-        return {
+        tensors, blobs = [], []
+        for header, array in oi.outputs(served, result, wanted):
+            as_binary = binary_out.get(header.name)
+            if as_binary if as_binary is not None else all_binary:
+                blobs.append(oi.raw_bytes(header, array))
+                parameters = {"binary_data_size": len(blobs[-1])}
+                tensors.append({**_tensor_json(header), "parameters": parameters})
+            else:
+                tensors.append({**_tensor_json(header), "data": array.ravel().tolist()})
+        answer = {
             "model_name": served.name,
             "model_version": result.version,
             "id": str(body.get("id", "")),
-            "outputs": [
-                {**_tensor_json(header), "data": values.ravel().tolist()}
-                for header, values in oi.outputs(served, result, wanted)
-            ],
+            "outputs": tensors,
         }
+        if not blobs:
+            return answer
+        head = json.dumps(answer).encode()
+        return web.Response(
+            body=b"".join([head, *blobs]),
+            content_type="application/octet-stream",
+            headers={INFERENCE_HEADER: str(len(head))},
+        )
 
     async def classify_picture(self, call: Call, request: web.Request) -> dict[str, Any]:
         name, asked, pixels = await self._decoded(request, to_mnist)
@@ -198,39 +286,63 @@ class _Routes:
             "pixels": [round(float(v), 3) for v in pixels],
         }
 
-    async def read_picture(self, call: Call, request: web.Request) -> dict[str, Any]:
-        """A picture of a number: its digits found left to right, classified in one run."""
-        name, asked, pieces = await self._decoded(request, find_digits)
+    async def read_picture(self, call: Call, request: web.Request) -> web.Response:
+        """A picture of a number: its digits found left to right, classified in one run.
+        Found in a worker process (reader.py): at most the per-request image limit of pieces
+        (400 naming it), within READ_TIMEOUT_S (504), stopped when the caller disconnects."""
+        max_pieces = self._plane.limits.max_images_per_request
+
+        def caller_gone() -> bool:
+            return request.transport is None or request.transport.is_closing()
+
+        async def find(data: bytes, name: str, max_decoded_bytes: int) -> Found:
+            return await self._readers.read(data, name, max_decoded_bytes, max_pieces, caller_gone)
+
+        name, asked, found = await self._decoded_by(request, find)
         served = self._plane.choose(call, *asked)
         answers: list[dict[str, Any]] = []
         version = served.version
-        if pieces:
-            stacked = np.stack([piece.pixels for piece in pieces])
+        if found.pieces:
+            stacked = np.stack([piece.pixels for piece in found.pieces])
             result = await self._plane.classify(served, stacked, REQUEST_TIMEOUT_S)
             version = result.version
             answers = [
-                {
-                    "box": list(piece.box),
-                    **_prediction_json(served, result, row),
-                    "pixels": [round(float(v), 3) for v in piece.pixels],
-                }
-                for row, piece in enumerate(pieces)
+                {"box": list(piece.box), **_prediction_json(served, result, row)}
+                for row, piece in enumerate(found.pieces)
             ]
-        digits = [a for a in answers if a.get("is_digit", True)]
-        return {
-            "name": name,
-            "text": "".join(a["label"] for a in digits),
-            "digits": digits,
-            "dropped": [a for a in answers if not a.get("is_digit", True)],
-            "labels": list(served.labels),
-            "model_version": version,
-        }
+        # The JSON that json_response would write, with each piece's "pixels" as the worker
+        # wrote them: encoding a thousand pieces' 784,000 numbers here held the loop 0.1 s.
+        pieces = [
+            f'{json.dumps(answer)[:-1]}, "pixels": {pixels}}}'
+            for answer, pixels in zip(answers, found.pixels_json, strict=True)
+        ]
+        kept = [answer.get("is_digit", True) for answer in answers]
+        text = "".join(answer["label"] for answer, k in zip(answers, kept, strict=True) if k)
+        digits = ", ".join(p for p, k in zip(pieces, kept, strict=True) if k)
+        dropped = ", ".join(p for p, k in zip(pieces, kept, strict=True) if not k)
+        head = json.dumps({"name": name, "text": text})[:-1]
+        tail = json.dumps({"labels": list(served.labels), "model_version": version})[1:]
+        body = f'{head}, "digits": [{digits}], "dropped": [{dropped}], {tail}'
+        return web.Response(text=body, content_type="application/json")
+
+    async def close_readers(self, app: web.Application) -> None:
+        self._readers.close()
 
     async def _decoded(
         self, request: web.Request, decode: Callable[[bytes, str, int], T]
     ) -> tuple[str, tuple[str, str], T]:
-        """(file name, (model, version) asked for, `decode`(picture)): decoded off the event
-        loop, at most MAX_CONCURRENT_DECODES at once (429 past that)."""
+        """(file name, (model, version) asked for, `decode`(picture)): decoded in a thread."""
+
+        async def in_thread(data: bytes, name: str, max_decoded_bytes: int) -> T:
+            return await asyncio.to_thread(decode, data, name, max_decoded_bytes)
+
+        return await self._decoded_by(request, in_thread)
+
+    async def _decoded_by(
+        self, request: web.Request, decode: Callable[[bytes, str, int], Awaitable[T]]
+    ) -> tuple[str, tuple[str, str], T]:
+        """(file name, (model, version) asked for, await `decode`(picture, its name, the
+        decoded bytes limit)): at most MAX_CONCURRENT_DECODES at once (429 past that)."""
         name, data = await _upload(request)
         asked = request.query.get("model", ""), request.query.get("model_version", "")
         self._plane.resolve(*asked)  # an unknown model is refused before decoding
@@ -241,30 +353,114 @@ class _Routes:
             )
         async with self._decodes:
             try:
-                return name, asked, await asyncio.to_thread(decode, data, name, MAX_DECODED_BYTES)
+                return name, asked, await decode(data, name, MAX_DECODED_BYTES)
             except ImageError as exc:
                 raise InvalidInput(str(exc)) from None
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                body = await request.json()
-        except TimeoutError:
-            raise InvalidInput(f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
-        except web.HTTPRequestEntityTooLarge:
-            limit = request.app[_MAX_BODY]
-            raise InvalidInput(f"the body is larger than {limit} bytes") from None
-        except (RequestPayloadError, ConnectionError) as exc:
-            raise InvalidInput(f"the body was cut off ({exc})") from None
-        except RecursionError:
-            raise InvalidInput("the body is not JSON this server reads (nested too deep)") from None
-        except LookupError as exc:  # an unknown charset
-            raise InvalidInput(f"the body's charset is unknown ({exc})") from None
-        except ValueError as exc:  # not JSON, not UTF-8, an integer of thousands of digits
-            raise InvalidInput(f"the body is not JSON ({first_line(exc, 200)})") from None
+        async with _reading_body(request):
+            body = await request.json()
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
         return body
+
+    async def _infer_body(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes]:
+        """(the JSON object, the binary data after it); without INFERENCE_HEADER the body is
+        all JSON, with it 0 the body is all binary (None: Triton's raw binary request)."""
+        declared = request.headers.get(INFERENCE_HEADER)
+        if declared is None:
+            return await self._json_body(request), b""
+        length = declared.strip()
+        if not (length.isascii() and length.isdigit() and len(length) <= 18):
+            raise InvalidInput(
+                f"{INFERENCE_HEADER} must be the JSON's length in bytes, got {declared[:40]!r}"
+            )
+        async with _reading_body(request):
+            data = await request.read()
+            if int(length) > len(data):
+                raise InvalidInput(
+                    f"{INFERENCE_HEADER} is {length} but the body holds {len(data)} bytes"
+                )
+            if int(length) == 0:
+                return None, data
+            body = json.loads(data[: int(length)])
+        if not isinstance(body, dict):
+            raise InvalidInput("the body's JSON must be an object")
+        return body, data[int(length) :]
+
+    # Explicit model control (Triton's model repository extension), behind the token.
+
+    async def load(self, call: Call, request: web.Request) -> dict[str, Any]:
+        parameters = await self._control_parameters(request)
+        await self._plane.load_model(request.match_info["name"], parameters)
+        return {}
+
+    async def unload(self, call: Call, request: web.Request) -> dict[str, Any]:
+        parameters = await self._control_parameters(request)
+        await self._plane.unload_model(request.match_info["name"], parameters)
+        return {}
+
+    async def _control_parameters(self, request: web.Request) -> list[str]:
+        """The names in the body's optional {"parameters": {...}} (an empty body is none)."""
+        body = await self._json_body(request) if request.can_read_body else {}
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput('"parameters" must be an object')
+        return list(parameters)
+
+
+@contextlib.asynccontextmanager
+async def _reading_body(request: web.Request) -> AsyncIterator[None]:
+    """Reading and parsing a body within BODY_TIMEOUT_S; what goes wrong is the caller's
+    InvalidInput (400), never a 500."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            yield
+    except TimeoutError:
+        raise InvalidInput(f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[_MAX_BODY]
+        raise InvalidInput(f"the body is larger than {limit} bytes") from None
+    except (RequestPayloadError, ConnectionError) as exc:
+        raise InvalidInput(f"the body was cut off ({exc})") from None
+    except RecursionError:
+        raise InvalidInput("the body is not JSON this server reads (nested too deep)") from None
+    except LookupError as exc:  # an unknown charset
+        raise InvalidInput(f"the body's charset is unknown ({exc})") from None
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of thousands of digits
+        raise InvalidInput(f"the body is not JSON ({first_line(exc, 200)})") from None
+
+
+def _raw_binary_request(served: ServedVersion, size: int) -> dict[str, Any]:
+    """Triton's raw binary request (INFERENCE_HEADER 0, no JSON): the body is the one input
+    of a batch of one, in the model's datatype (FP32); every output goes back binary."""
+    return {
+        "inputs": [
+            {
+                "name": served.model.input_name,
+                "datatype": oi.FP32,
+                "shape": [1, PIXELS_PER_IMAGE],
+                "parameters": {"binary_data_size": size},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+
+
+def _parameter(item: dict[str, Any], key: str, kind: type[int] | type[bool]) -> Any:
+    """`item`'s parameters[key]: a bool, or a whole number >= 0 for int; None when unset."""
+    parameters = item.get("parameters")
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f'"parameters" must be an object, got {json.dumps(parameters)[:80]}')
+    value = parameters.get(key)
+    if value is None or (kind is bool and isinstance(value, bool)):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    wanted = "true or false" if kind is bool else "a whole number of bytes >= 0"
+    raise InvalidInput(f"parameter {key!r} must be {wanted}, got {json.dumps(value)[:80]}")
 
 
 def _prediction_json(served: ServedVersion, result: Classified, row: int) -> dict[str, Any]:
@@ -377,6 +573,18 @@ async def _expect_within_limit(request: web.Request) -> web.Response | None:
     return None
 
 
+def _traced(request: web.Request) -> HttpCall:
+    """What the call's trace span says of the request (OpenTelemetry's http.* conventions)."""
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else request.path
+    return HttpCall(request.headers, request.method, template, _http_status)
+
+
+def _http_status(code: str) -> int:
+    """The HTTP status this front answers a call that ended with gRPC status `code`."""
+    return 200 if code == "OK" else _HTTP_STATUS.get(grpc.StatusCode[code], 500)
+
+
 def _model_of(request: web.Request) -> tuple[str, str]:
     return request.match_info["name"], request.match_info.get("version", "")
 
@@ -437,14 +645,27 @@ async def _read_upload(request: web.Request) -> tuple[str, bytes]:
 
 
 class HttpFront:
-    """Owns the aiohttp runner; started and stopped with the gRPC server."""
+    """Owns the aiohttp runner; started and stopped with the gRPC server. `ssl_context`: HTTPS
+    (with client certificates when it requires them), else plain HTTP."""
 
-    def __init__(self, app: web.Application, host: str, port: int, reuse_port: bool) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        reuse_port: bool,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
         self._host = host.strip("[]")
         self._port = port
         self._reuse_port = reuse_port  # --workers N share the HTTP port like the gRPC one
+        self._ssl_context = ssl_context
         self.port = 0
+
+    @property
+    def tls(self) -> bool:
+        return self._ssl_context is not None
 
     def _listening_socket(self) -> socket.socket:
         """One socket, so port 0 means one port. "[::]" (the default) means every interface:
@@ -469,7 +690,7 @@ class HttpFront:
         await self._runner.setup()
         sock = self._listening_socket()
         self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self._ssl_context).start()
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 
@@ -32,8 +34,28 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str, fmt: str) -> None:
+class _QuietStart(logging.Filter):
+    """Workers after the first of --workers N: what they say while starting (a model loaded,
+    a version refused, CUDA unavailable) is what the first one says too, from the same files
+    and flags; a start that fails reaches the supervisor, which says it once. --log-level
+    debug shows every worker's lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.starting or record.levelno >= logging.CRITICAL
+
+
+_QUIET_START = _QuietStart()
+
+
+def configure_logging(level: str, fmt: str, *, quiet_start: bool = False) -> None:
+    """`quiet_start`: nothing below CRITICAL until `started()` (unless the level is DEBUG)."""
     handler = logging.StreamHandler()
+    if quiet_start and level != "DEBUG":
+        handler.addFilter(_QUIET_START)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -43,6 +65,23 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def started() -> None:
+    """The server serves: from now on every line is printed (see configure_logging)."""
+    _QUIET_START.starting = False
+
+
+@contextlib.contextmanager
+def silenced(name: str) -> Iterator[None]:
+    """Nothing from logger `name` (and its children) below CRITICAL while this lasts."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _trace_ids() -> dict[str, str]:

@@ -6,28 +6,27 @@ the same models, queues, limits, metrics and error mapping through the data plan
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import numpy as np
 
 from digit_recognizer.protos import inference_pb2, inference_pb2_grpc
-from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
+from digit_recognizer.server import model_config, rpc
 from digit_recognizer.server import openinference as oi
-from digit_recognizer.server import rpc
-from digit_recognizer.server.dataplane import Call, DataPlane
+from digit_recognizer.server.dataplane import Call, CallFailed, DataPlane
 from digit_recognizer.server.validation import invalid
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = SERVICE.full_name
-_LITTLE_ENDIAN_F32 = np.dtype("<f4")
-_RAW_DTYPES: dict[str, np.dtype[Any]] = {oi.FP32: _LITTLE_ENDIAN_F32, oi.UINT8: np.dtype(np.uint8)}
 _Tensor = inference_pb2.ModelMetadataResponse.TensorMetadata
 
 
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, workers: int = 1) -> None:
         self._plane = plane
+        self._workers = workers  # --workers: the instance count ModelConfig reports
 
     def add_to(self, server: grpc.aio.Server) -> None:
         rpc.add_service(self, SERVICE, server)
@@ -63,6 +62,33 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return await rpc.answer(
             self._plane, "ModelInfer", context, self._infer, request, context.time_remaining()
         )
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.ModelStreamInferResponse]:
+        # As ClassifyStream: computed concurrently, replies in completion order, the same
+        # read-ahead window (rpc.windowed). An error ends one request, not the stream: it goes
+        # back in-stream as error_message (Triton's way), with the request's id.
+        def reply(
+            request: inference_pb2.ModelInferRequest,
+        ) -> Awaitable[inference_pb2.ModelStreamInferResponse]:
+            return self._stream_reply(request, context)
+
+        async with contextlib.aclosing(rpc.windowed(request_iterator, reply)) as replies:
+            async for response in replies:
+                yield response
+
+    async def ModelConfig(
+        self, request: inference_pb2.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelConfigResponse:
+        return await rpc.answer(self._plane, "ModelConfig", context, self._config, request)
+
+    async def ModelStatistics(
+        self, request: inference_pb2.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelStatisticsResponse:
+        return await rpc.answer(self._plane, "ModelStatistics", context, self._stats, request)
 
     async def RepositoryIndex(
         self, request: inference_pb2.RepositoryIndexRequest, context: grpc.aio.ServicerContext
@@ -108,6 +134,42 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    async def _config(
+        self, call: Call, request: inference_pb2.ModelConfigRequest
+    ) -> inference_pb2.ModelConfigResponse:
+        request = rpc.parsed(request)
+        call.served = self._plane.resolve(request.name, request.version)
+        config = model_config.describe(call.served, workers=self._workers)
+        return inference_pb2.ModelConfigResponse(config=config)
+
+    async def _stats(
+        self, call: Call, request: inference_pb2.ModelStatisticsRequest
+    ) -> inference_pb2.ModelStatisticsResponse:
+        request = rpc.parsed(request)
+        return oi.statistics(self._plane, request.name, request.version)
+
+    async def _stream_reply(
+        self, request: inference_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelStreamInferResponse:
+        try:
+            response = await self._plane.observed(
+                "ModelStreamInfer",
+                self._infer,
+                request,
+                context.time_remaining(),
+                carrier=context.invocation_metadata,
+            )
+        except CallFailed as failed:
+            asked = inference_pb2.ModelInferResponse(
+                model_name=getattr(request, "model_name", ""),
+                model_version=getattr(request, "model_version", ""),
+                id=getattr(request, "id", ""),
+            )
+            return inference_pb2.ModelStreamInferResponse(
+                error_message=failed.status.message, infer_response=asked
+            )
+        return inference_pb2.ModelStreamInferResponse(infer_response=response)
+
     async def _index(
         self, call: Call, request: inference_pb2.RepositoryIndexRequest
     ) -> inference_pb2.RepositoryIndexResponse:
@@ -137,17 +199,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 )
             if request.inputs[0].HasField("contents"):
                 raise invalid("inputs[0].contents", "give raw_input_contents or contents, not both")
-            raw = request.raw_input_contents[0]
-            datatype = headers[0].datatype
-            needed = images * PIXELS_PER_IMAGE * oi.BYTES_PER_VALUE[datatype]
-            if len(raw) != needed:
-                raise invalid(
-                    "raw_input_contents[0]",
-                    f"shape {list(headers[0].shape)} needs {needed} bytes of {datatype}, "
-                    f"got {len(raw)}",
-                )
-            values = np.frombuffer(raw, dtype=_RAW_DTYPES[datatype])
             field = "raw_input_contents[0]"
+            values = oi.raw_values(field, headers[0], images, request.raw_input_contents[0])
         elif headers[0].datatype == oi.UINT8:  # the protocol carries UINT8 in uint_contents
             values = np.asarray(request.inputs[0].contents.uint_contents, dtype=np.int64)
             field = "inputs[0].contents.uint_contents"
@@ -167,11 +220,34 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 )
                 for header, _ in chosen
             ],
-            # Raw little-endian bytes, one byte per BOOL (the protocol's layout).
-            raw_output_contents=[
-                values.astype(
-                    _LITTLE_ENDIAN_F32 if header.datatype == oi.FP32 else np.bool_
-                ).tobytes()
-                for header, values in chosen
-            ],
+            raw_output_contents=[oi.raw_bytes(header, values) for header, values in chosen],
         )
+
+    # Explicit model control (Triton's model repository extension); --model-control-mode
+    # explicit, behind the auth token like every call.
+
+    async def RepositoryModelLoad(
+        self, request: inference_pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.RepositoryModelLoadResponse:
+        async def load(
+            call: Call, request: inference_pb2.RepositoryModelLoadRequest
+        ) -> inference_pb2.RepositoryModelLoadResponse:
+            request = rpc.parsed(request)
+            await self._plane.load_model(request.model_name, list(request.parameters))
+            return inference_pb2.RepositoryModelLoadResponse()
+
+        return await rpc.answer(self._plane, "RepositoryModelLoad", context, load, request)
+
+    async def RepositoryModelUnload(
+        self,
+        request: inference_pb2.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> inference_pb2.RepositoryModelUnloadResponse:
+        async def unload(
+            call: Call, request: inference_pb2.RepositoryModelUnloadRequest
+        ) -> inference_pb2.RepositoryModelUnloadResponse:
+            request = rpc.parsed(request)
+            await self._plane.unload_model(request.model_name, list(request.parameters))
+            return inference_pb2.RepositoryModelUnloadResponse()
+
+        return await rpc.answer(self._plane, "RepositoryModelUnload", context, unload, request)

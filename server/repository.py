@@ -1,22 +1,32 @@
-"""The model repository on disk, watched: what it holds, under the version policy, is served.
+"""The model repository on disk: what it holds, under each model's version policy, is served.
 
 Two layouts:
 - `--model-repository DIR`: Triton's `DIR/<name>/<version>/model.onnx`, versions positive
-  integers. The version policy (TF Serving's: latest, all, specific:1,3) chooses which
-  versions of each model are served. Publish a version by renaming a complete directory into
-  place (`os.replace`): names that are not positive integers (`.3.tmp`) are never looked at.
+  integers, and optionally `DIR/<name>/config.pbtxt` (model_config.py: that model's batching,
+  queue, version policy and instance kind; the flags are the defaults). The version policy
+  (TF Serving's: latest, all, specific:1,3) chooses which versions of each model are served.
+  Publish a version by renaming a complete directory into place (`os.replace`): names that
+  are not positive integers (`.3.tmp`) are never looked at.
 - `--model FILE`: a repository of one model, named and versioned by its model card; replacing
   the file (atomically, as `digit-train` writes it) replaces the version.
 
-Every poll interval the files are compared with what is served: a new or changed version is
-loaded, validated and warmed up off the event loop and only then served (a changed file is
-swapped into its version's batcher between two model runs, so work queued for it runs on the
-new file and no reply goes back to the old one); a version that
-fails any check is refused with one log line and a `refused` reload metric, not retried
-until its file changes, and never displaces what is serving (with `latest`, the newest
-version that loads is the one served). A version removed from DIR stops being chosen at once
-and finishes the work it accepted. A new version must keep the labels of the model's served
-versions.
+Model control (Triton's --model-control-mode):
+- `poll` (the default): every poll interval the files are compared with what is served.
+- `none`: what is there at start is served, and nothing changes until a restart.
+- `explicit`: only the models named by --load-model (`*`: all) are served at start; then
+  `load(name)` (re)reads one model's files and config and `unload(name)` drops it, as the
+  RepositoryModelLoad/Unload calls ask. Nothing is watched.
+
+Whatever asks for it, a new or changed version is loaded, validated and warmed up off the
+event loop and only then served (a changed file is swapped into its version's batcher between
+two model runs, so work queued for it runs on the new file and no reply goes back to the old
+one; a changed config.pbtxt gives the version a new batcher, and the old one finishes what it
+accepted); a version that fails any check is refused with one log line and a `refused`
+reload metric, not retried until its file or config changes, and never displaces what is
+serving (with `latest`, the newest version that loads is the one served). A config.pbtxt that
+cannot be served refuses its model the same way. A version no longer wanted stops being
+chosen at once and finishes the work it accepted (`unload` answers once it has). A new
+version must keep the labels of the model's served versions.
 """
 
 from __future__ import annotations
@@ -24,59 +34,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from digit_recognizer.server import metrics
 from digit_recognizer.server.batcher import BatcherLimits
-from digit_recognizer.server.dataplane import DataPlane, ServedVersion
-from digit_recognizer.server.errors import ModelError
+from digit_recognizer.server.config import CONTROL_MODES
+from digit_recognizer.server.dataplane import ControlRefused, DataPlane, ServedVersion
+from digit_recognizer.server.errors import ModelError, ModelNotFound
 from digit_recognizer.server.inference import InferenceOptions, Model, load_model
+from digit_recognizer.server.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    ModelSettings,
+    VersionPolicy,
+    check_model,
+    settings_from_pbtxt,
+)
+
+__all__ = ["CONTROL_MODES", "MODEL_FILE", "ModelRepository", "VersionPolicy"]
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.onnx"
+ALL_MODELS = "*"  # --load-model '*': every model in the repository (Triton's spelling)
 _MAX_PASSES = 32
+_NO_FILE = (0, 0, 0)
 
-Signature = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which of a model's versions are served: the highest, all, or the ones listed."""
-
-    kind: str = "latest"
-    versions: tuple[int, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> VersionPolicy:
-        """`latest`, `all` or `specific:1,3`; ValueError saying what is accepted otherwise."""
-        kind, _, listed = text.strip().partition(":")
-        if kind in ("latest", "all") and not listed:
-            return cls(kind)
-        if kind == "specific":
-            try:
-                versions = tuple(sorted({int(v) for v in listed.split(",") if v.strip()}))
-            except ValueError:
-                versions = ()
-            if versions and min(versions) >= 1:
-                return cls(kind, versions)
-        raise ValueError(
-            f"{text!r} is not a version policy: use latest, all, or specific:V[,V...] with "
-            "positive integer versions (specific:1,3)"
-        )
-
-    def select(self, available: Collection[int]) -> set[int]:
-        if self.kind == "latest":
-            return {max(available)} if available else set()
-        if self.kind == "all":
-            return set(available)
-        return set(available) & set(self.versions)
-
-    def __str__(self) -> str:
-        if self.kind == "specific":
-            return "specific:" + ",".join(str(v) for v in self.versions)
-        return self.kind
+Signature = tuple[int, ...]  # the model file's (inode, size, mtime), then its config's
 
 
 @dataclass(frozen=True)
@@ -87,6 +71,7 @@ class _Found:
     version: str
     path: Path
     signature: Signature
+    settings: ModelSettings | None = None  # None: the flags'
 
 
 class ModelRepository:
@@ -100,38 +85,77 @@ class ModelRepository:
         options: InferenceOptions,
         batcher_limits: BatcherLimits,
         interval_s: float,
+        control_mode: str = "poll",
+        load_models: Sequence[str] = (),
+        honour_instance_kind: bool = True,
     ) -> None:
+        """`control_mode`: none | poll | explicit; `load_models`: explicit mode's models at
+        start. `honour_instance_kind` False: every model on `options.provider`, whatever its
+        config says (the start-up probe, which must not open CUDA)."""
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}")
         self._plane = plane
         self._source = source
         self._is_directory = is_directory
-        self._policy = policy
         self._options = options
-        self._batcher_limits = batcher_limits
+        self._defaults = ModelSettings.from_flags(batcher_limits, policy)
         self._interval_s = interval_s
+        self._mode = control_mode
+        self._load_models = tuple(load_models)
+        self._honour_kind = honour_instance_kind
+        # explicit mode: the models to serve (filled at start); other modes: all there are.
+        self._chosen: set[str] | None = set() if control_mode == "explicit" else None
         self._loaded: dict[Path, tuple[Signature, ServedVersion]] = {}
         self._refused: dict[Path, Signature] = {}  # not retried until the file changes
+        # Per model: its config.pbtxt's signature, and its settings or why it is refused.
+        self._configs: dict[str, tuple[Signature | None, ModelSettings | str]] = {}
+        self._lock = asyncio.Lock()  # one scan, load or unload at a time
         self._task: asyncio.Task[None] | None = None
+        plane.control = self
+
+    @property
+    def mode(self) -> str:
+        return self._mode
 
     async def load(self, model: Model | None = None) -> None:
         """The first scan, before anything is served: ModelError when nothing can be.
         `model`: the already-loaded model of --model FILE (tests inject fakes this way)."""
         if not self._is_directory:
-            signature = _signature(self._source) or (0, 0, 0)
+            signature = _signature(self._source) or _NO_FILE
             if model is None:
                 model = await asyncio.to_thread(load_model, self._source, self._options)
             self._add(_Found("", "", self._source, signature), model)
             return
+        if self._chosen is not None:
+            names = set(_scan(self._source))
+            if ALL_MODELS in self._load_models and len(set(self._load_models)) > 1:
+                raise ModelError(f"--load-model '{ALL_MODELS}' means every model: give it alone")
+            if ALL_MODELS in self._load_models:
+                self._chosen = names
+            else:
+                missing = sorted(set(self._load_models) - names)
+                if missing:
+                    raise ModelError(
+                        f"--load-model {', '.join(missing)}: no such model in {self._source} "
+                        f"(it has {', '.join(sorted(names)) or 'none'})"
+                    )
+                self._chosen = set(self._load_models)
+            if not self._chosen:
+                raise ModelError(
+                    "--model-control-mode explicit: name the models to serve at start with "
+                    f"--load-model NAME (or --load-model '{ALL_MODELS}' for all)"
+                )
         await self.poll()
         if not self._plane.served():
             reasons = [s.reason for s in self._plane.statuses() if s.reason]
             raise ModelError(
                 f"no servable model in {self._source} (expected {self._source}/<name>/"
-                f"<version>/{MODEL_FILE}, versions {self._policy})"
+                f"<version>/{MODEL_FILE}, versions {self._defaults.version_policy})"
                 + (": " + "; ".join(reasons) if reasons else "")
             )
 
     def start(self) -> None:
-        if self._interval_s > 0:
+        if self._mode == "poll" and self._interval_s > 0:
             self._task = asyncio.get_running_loop().create_task(self._watch(), name="repository")
 
     async def stop(self) -> None:
@@ -139,12 +163,73 @@ class ModelRepository:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def poll(self) -> None:
-        """Bring what is served in line with what the files and the policy say."""
+    async def poll(self, names: Collection[str] | None = None) -> None:
+        """Bring what is served in line with what the files, configs and policies say (for
+        the models `names`, or all)."""
+        async with self._lock:
+            await self._poll(names)
+
+    # Explicit model control: what RepositoryModelLoad / RepositoryModelUnload ask for.
+
+    async def load_named(self, name: str) -> None:
+        """Serve model `name` as its files and config say now: loaded, warmed up, then
+        served (in place of what its versions were). ControlRefused says why not."""
+        self._check_explicit("load")
+        async with self._lock:
+            if name not in _scan(self._source):
+                raise ModelNotFound(
+                    f"no model {name!r} in the repository {self._source} (expected "
+                    f"<name>/<version>/{MODEL_FILE})"
+                )
+            assert self._chosen is not None
+            self._chosen.add(name)
+            for path in [p for p in self._refused if p.parent.parent.name == name]:
+                del self._refused[path]  # asked for explicitly: read again, whatever failed
+            await self._poll({name})
+            settings = self._configs.get(name, (None, ""))[1]
+        if isinstance(settings, str):
+            raise ControlRefused(f"failed to load {name!r}: {settings}")
+        if not any(s.name == name for s in self._plane.served()):
+            reasons = [s.reason for s in self._plane.statuses() if s.model == name and s.reason]
+            raise ControlRefused(
+                f"failed to load {name!r}: "
+                + ("; ".join(reasons) or f"no version wanted by {settings.version_policy}")
+            )
+
+    async def unload_named(self, name: str) -> None:
+        """Stop serving model `name`: no call chooses it from now on, and this returns once
+        every call it accepted has been answered. Unloading what is not loaded is no error."""
+        self._check_explicit("unload")
+        async with self._lock:
+            assert self._chosen is not None
+            self._chosen.discard(name)
+            paths = [p for p, (_, served) in self._loaded.items() if served.name == name]
+            closing = [self._unload(path, reason="unloaded") for path in paths]
+            for path in [p for p in self._refused if p.parent.parent.name == name]:
+                del self._refused[path]
+                self._plane.forget_unavailable(name, path.parent.name)
+            self._plane.forget_unavailable(name, "")
+        await asyncio.gather(*[task for task in closing if task is not None])
+
+    def _check_explicit(self, action: str) -> None:
+        if self._mode != "explicit" or not self._is_directory:
+            raise ControlRefused(
+                f"explicit model {action} is not allowed: this server runs "
+                + (
+                    f"--model-control-mode {self._mode}"
+                    if self._is_directory
+                    else "one --model FILE"
+                )
+                + " (start it with --model-repository DIR --model-control-mode explicit)"
+            )
+
+    # Scanning.
+
+    async def _poll(self, names: Collection[str] | None) -> None:
         # Every pass loads or refuses at least one file, and refused ones leave the wanted
         # list (with `latest`, the next lower version is wanted instead); the cap only matters
         # for files rewritten faster than they load, which the next poll picks up.
-        wanted = self._wanted()
+        wanted = self._wanted(names)
         for _ in range(_MAX_PASSES):
             changed = [
                 found
@@ -155,10 +240,10 @@ class ModelRepository:
                 break
             for found in changed:
                 await self._load(found)
-            wanted = self._wanted()
+            wanted = self._wanted(names)
         if self._is_directory:  # a vanished --model FILE is mid-replacement: keep serving it
             kept = {found.path for found in wanted}
-            for path in [p for p in self._loaded if p not in kept]:
+            for path in [p for p in self._loaded if p not in kept and _within(p, names)]:
                 self._unload(path)
             for path in [p for p in self._refused if _signature(p) is None]:
                 del self._refused[path]  # a refused version removed: no longer listed
@@ -172,29 +257,85 @@ class ModelRepository:
             except Exception:  # never let one bad scan stop the watching
                 log.exception("repository scan failed; retrying in %s s", self._interval_s)
 
-    def _wanted(self) -> list[_Found]:
+    def _wanted(self, names: Collection[str] | None) -> list[_Found]:
         if not self._is_directory:
             signature = _signature(self._source)
             found = [] if signature is None else [_Found("", "", self._source, signature)]
             return [f for f in found if not self._was_refused(f)]
         wanted = []
-        for _, versions in sorted(_scan(self._source).items()):
+        for name, versions in sorted(_scan(self._source).items()):
+            if (names is not None and name not in names) or (
+                self._chosen is not None and name not in self._chosen
+            ):
+                continue
+            config_signature, settings = self._settings(name)
+            if isinstance(settings, str):  # refused: what serves keeps serving, as it is
+                wanted += [
+                    replace(found, signature=self._loaded[found.path][0])
+                    for found in versions.values()
+                    if found.path in self._loaded
+                ]
+                continue
+            versions = {
+                number: replace(
+                    found,
+                    signature=found.signature + (config_signature or _NO_FILE),
+                    settings=settings,
+                )
+                for number, found in versions.items()
+            }
             loadable = {n: f for n, f in versions.items() if not self._was_refused(f)}
-            wanted += [loadable[number] for number in sorted(self._policy.select(loadable))]
+            policy = settings.version_policy
+            wanted += [loadable[number] for number in sorted(policy.select(loadable))]
         return wanted
+
+    def _settings(self, name: str) -> tuple[Signature | None, ModelSettings | str]:
+        """Model `name`'s settings (its config.pbtxt over the flags), or why it is refused;
+        read again only when the file changed, so its warning is logged once."""
+        path = self._source / name / CONFIG_FILE
+        signature = _signature(path)
+        cached = self._configs.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached
+        settings: ModelSettings | str = self._defaults
+        if signature is not None:
+            try:
+                settings = settings_from_pbtxt(
+                    path,
+                    self._defaults,
+                    max_images_per_request=self._plane.limits.max_images_per_request,
+                )
+            except ModelError as exc:
+                settings = str(exc)
+        if isinstance(settings, str):
+            self._plane.mark_unavailable(name, "", settings)
+            metrics.RELOADS.labels("refused", name, "").inc()
+            log.error("model refused (%s): %s", self._serving(), settings)
+        else:
+            self._plane.forget_unavailable(name, "")
+        self._configs[name] = (signature, settings)
+        return signature, settings
 
     def _was_refused(self, found: _Found) -> bool:
         return self._refused.get(found.path) == found.signature
 
+    # Loading and unloading.
+
     async def _load(self, found: _Found) -> None:
+        settings = found.settings or self._defaults
+        options = self._options
+        if self._honour_kind:
+            options = replace(options, provider=settings.provider(options.provider))
         try:
-            model = await asyncio.to_thread(load_model, found.path, self._options)
+            model = await asyncio.to_thread(load_model, found.path, options)
+            check_model(settings, model, found.path.parent.parent / CONFIG_FILE)
         except ModelError as exc:
             self._refuse(found, str(exc))
             return
         self._add(found, model)
 
     def _add(self, found: _Found, model: Model) -> None:
+        settings = found.settings or self._defaults
         previous = self._loaded.get(found.path)
         replaced_version = previous[1].version if previous else ""
         name = found.name or (previous[1].name if previous else model.card.name)
@@ -209,12 +350,13 @@ class ModelRepository:
                 version,
             )
             return
-        if previous is None:
-            served = ServedVersion(name, version, model, self._batcher_limits)
-            self._plane.serve(served)
-        else:  # the same file replaced: swapped in place, between two model runs
+        if previous is not None and previous[1].settings == settings:
+            # The same file replaced: swapped in place, between two model runs.
             served = previous[1]
             self._plane.swap(served, model, version)
+        else:  # new, or new settings: a new batcher; a replaced one finishes what it has
+            served = ServedVersion(name, version, model, settings)
+            self._plane.serve(served)
         self._loaded[found.path] = (found.signature, served)
         self._refused.pop(found.path, None)
         metrics.RELOADS.labels("ok", name, version).inc()
@@ -227,6 +369,10 @@ class ModelRepository:
                     "path": str(found.path),
                     "sha256": model.file_sha256,
                     "provider": model.provider,
+                    "max_batch_size": settings.max_batch_size,
+                    "max_delay_us": settings.max_queue_delay_us,
+                    "max_queue_size": settings.max_queue_size,
+                    "config": settings.source,
                     **({"replaces": replaced_version} if previous else {}),
                 }
             },
@@ -238,14 +384,27 @@ class ModelRepository:
         if self._is_directory:
             self._plane.mark_unavailable(name, version, reason)
         metrics.RELOADS.labels("refused", name, version).inc()
-        serving = ", ".join(f"{s.name} {s.version}" for s in self._plane.served()) or "nothing"
-        log.error("model refused (still serving %s): %s", serving, reason)
+        log.error("model refused (%s): %s", self._serving(), reason)
 
-    def _unload(self, path: Path) -> None:
+    def _unload(self, path: Path, reason: str = "") -> asyncio.Task[None] | None:
+        """Stop choosing the version at `path`; the task ends once it has answered every call
+        it accepted. `reason`: listed as UNAVAILABLE with it (an explicit unload)."""
         _, served = self._loaded.pop(path)
-        self._plane.retire(served)
+        closing = self._plane.retire(served)
+        if reason:
+            self._plane.mark_unavailable(served.name, served.version, reason)
         metrics.RELOADS.labels("unloaded", served.name, served.version).inc()
         log.info("unloaded", extra={"fields": {"model": served.name, "version": served.version}})
+        return closing
+
+    def _serving(self) -> str:
+        served = ", ".join(f"{s.name} {s.version}" for s in self._plane.served())
+        return f"still serving {served or 'nothing'}"
+
+
+def _within(path: Path, names: Collection[str] | None) -> bool:
+    """Whether the version file at DIR/<name>/<version>/model.onnx is one of `names`' models."""
+    return names is None or path.parent.parent.name in names
 
 
 def _scan(root: Path) -> dict[str, dict[int, _Found]]:

@@ -3,7 +3,8 @@ to answer a call through the data plane."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +19,8 @@ from digit_recognizer.server.errors import InvalidInput
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+R = TypeVar("R")
+STREAM_WINDOW = 64  # messages of one bidirectional stream read ahead of the replies written
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,42 @@ async def answer(
 
 async def abort(context: grpc.aio.ServicerContext, failed: CallFailed) -> None:
     await context.abort_with_status(rpc_status.to_status(failed.status.to_rpc_status()))
+
+
+async def windowed(
+    requests: AsyncIterator[R], reply: Callable[[R], Awaitable[T]]
+) -> AsyncIterator[T]:
+    """The replies to a bidirectional stream (ClassifyStream, ModelStreamInfer), each made by
+    `reply(request)`, which answers errors in-stream and never raises.
+
+    Messages are answered concurrently so one stream can fill a batch; replies go out in
+    completion order (each carries its request's id). At most STREAM_WINDOW messages are read
+    ahead of the replies written: a caller that stops reading replies stops the reading of its
+    requests (and HTTP/2 flow control then stops its sending) instead of growing the server's
+    memory. Use it inside `contextlib.aclosing`, so a stream the caller ends stops reading."""
+    replies: asyncio.Queue[T | None] = asyncio.Queue()
+    window = asyncio.Semaphore(STREAM_WINDOW)
+
+    async def answer(request: R) -> None:
+        replies.put_nowait(await reply(request))
+
+    async def read_all() -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            async for request in requests:
+                await window.acquire()
+                task = asyncio.create_task(answer(request))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            await asyncio.gather(*in_flight)
+        finally:
+            replies.put_nowait(None)
+
+    reader = asyncio.create_task(read_all())
+    try:
+        while (item := await replies.get()) is not None:
+            yield item  # returns once gRPC has taken the reply for writing
+            window.release()
+        await reader  # surfaces a broken request stream
+    finally:
+        reader.cancel()

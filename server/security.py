@@ -1,16 +1,19 @@
 """Transport security and caller authentication.
 
-TLS or mutual TLS come from PEM files; a bearer token (read from a file, never a flag, so it
-stays out of `ps` and shell history) is checked before any handler runs, in constant time, by
-an interceptor (gRPC) and a middleware (HTTP). What stays open is one table, OPEN_ROUTES, for
-both transports: health and readiness probes (load balancers and kubelets carry no
-credentials) and the page (a browser cannot send the token with its first request).
-Everything else, reflection and server metadata included, needs the token.
+TLS or mutual TLS come from PEM files, the same ones for every port that carries calls: gRPC
+and the HTTP front (plain HTTP beside TLS gRPC only with --http-plaintext). A bearer token
+(read from a file, never a flag, so it stays out of `ps` and shell history) is checked before
+any handler runs, in constant time, by an interceptor (gRPC) and a middleware (HTTP). What
+stays open is one table, OPEN_ROUTES, for both transports: health and readiness probes (load
+balancers and kubelets carry no credentials) and the page (a browser cannot send the token
+with its first request). Everything else, reflection and server metadata included, needs the
+token.
 """
 
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +66,16 @@ class SecurityConfig:
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed
     auth_token_file: Path | None = None
     plaintext: bool = False
+    http_plaintext: bool = False  # the HTTP front without TLS although gRPC has it
+
+    @property
+    def tls(self) -> str:
+        """How gRPC is served, as the start-up line says it: mutual, on or off."""
+        return "mutual" if self.tls_client_ca else "on" if self.tls_cert else "off"
+
+    @property
+    def http_tls(self) -> str:
+        return "off" if self.http_plaintext else self.tls
 
     def validate(self) -> list[str]:
         problems = []
@@ -88,7 +101,33 @@ class SecurityConfig:
         token = self.auth_token_file
         if token is not None and token.is_file() and not token.read_text().strip():
             problems.append(f"--auth-token-file {token}: the file is empty")
+        if not problems and self.tls_cert is not None:
+            # grpc reads the PEM files only when it binds, after the model has loaded; Python's
+            # ssl says now, in one line, what is wrong with them.
+            try:
+                self._ssl_context()
+            except (ssl.SSLError, ValueError) as exc:
+                problems.append(f"--tls-cert/--tls-key/--tls-client-ca: {_ssl_reason(exc)}")
         return problems
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For the HTTP front: the gRPC port's certificate, key and client CA; None without
+        TLS. TLS 1.2 at least, Python's default ciphers."""
+        if self.tls_cert is None or self.tls_key is None or self.http_plaintext:
+            return None
+        return self._ssl_context()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        assert self.tls_cert is not None and self.tls_key is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        if self.tls_client_ca is not None:
+            context.load_verify_locations(cafile=self.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no certificate, no handshake
+        # HTTP/1.1 only: aiohttp speaks nothing else, and saying so spares clients a retry.
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None or self.tls_key is None:
@@ -105,6 +144,11 @@ class SecurityConfig:
 
     def interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor]:
         return [BearerTokenInterceptor(token)] if token else []
+
+
+def _ssl_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return f"not a usable PEM certificate, key or CA ({reason})"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

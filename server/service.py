@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import numpy as np
@@ -17,7 +17,7 @@ from digit_recognizer.server.validation import parse_request
 
 SERVICE = digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"]
 SERVICE_NAME = SERVICE.full_name
-STREAM_WINDOW = 64  # messages of one ClassifyStream read ahead of the replies written
+STREAM_WINDOW = rpc.STREAM_WINDOW  # messages of one ClassifyStream read ahead of the replies
 
 
 class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
@@ -39,37 +39,16 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         request_iterator: AsyncIterator[digits_pb2.ClassifyRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[digits_pb2.ClassifyStreamResponse]:
-        # Messages are classified concurrently so one stream can fill a batch; replies go out
-        # in completion order, each carrying its request_id. At most STREAM_WINDOW messages
-        # are read ahead of the replies written: a caller that stops reading replies stops
-        # the reading of its requests (and HTTP/2 flow control then stops its sending)
-        # instead of growing the server's memory.
-        replies: asyncio.Queue[digits_pb2.ClassifyStreamResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        # Classified concurrently, replies in completion order each with its request_id, at
+        # most STREAM_WINDOW read ahead of the replies written (rpc.windowed).
+        def reply(
+            request: digits_pb2.ClassifyRequest,
+        ) -> Awaitable[digits_pb2.ClassifyStreamResponse]:
+            return self._stream_reply(request, context)
 
-        async def answer(request: digits_pb2.ClassifyRequest) -> None:
-            replies.put_nowait(await self._stream_reply(request, context))
-
-        async def read_all() -> None:
-            in_flight: set[asyncio.Task[None]] = set()
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(answer(request))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                await asyncio.gather(*in_flight)
-            finally:
-                replies.put_nowait(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply  # returns once gRPC has taken the reply for writing
-                window.release()
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
+        async with contextlib.aclosing(rpc.windowed(request_iterator, reply)) as replies:
+            async for response in replies:
+                yield response
 
     async def GetModelInfo(
         self, request: digits_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from digit_recognizer.server import batcher as batching
 from digit_recognizer.server.batcher import Batcher, BatcherLimits, BatchEvent, RunPolicy
 from digit_recognizer.server.errors import BatchFailed, Expired, NotServing, Overloaded
 
@@ -52,6 +54,28 @@ async def model():
     return FakeModel()
 
 
+class Clock:
+    """The batcher's clock, moved only by the test: what a run or a wait measures is what the
+    test says it took, however busy the machine is. (No deadlines with it: those are in loop
+    time, which this clock is not.)"""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(batching, "_clock", clock)
+    return clock
+
+
 async def make(model, **limits) -> Batcher:
     """Every run on the worker thread unless a test says otherwise: the gated fake model
     blocks its caller, which must not be the event loop."""
@@ -69,13 +93,12 @@ async def test_idle_server_runs_a_single_request_at_once(model):
     await batcher.close()
 
 
-async def test_short_runs_move_to_the_loop_thread_once_measured_and_long_ones_never():
+async def test_short_runs_move_to_the_loop_thread_once_measured_and_long_ones_never(clock):
     threads: list[int] = []
 
     def predict(batch: np.ndarray) -> np.ndarray:
         threads.append(threading.get_ident())
-        if batch[0, 0] < 0:  # a slow model: 20 ms per run, past the 10 ms budget
-            time.sleep(0.02)
+        clock.advance(0.02 if batch[0, 0] < 0 else 0.001)  # slow: 20 ms, past the 10 ms budget
         return batch * 2
 
     batcher = Batcher(predict, BatcherLimits(max_batch_size=8, inline_max_us=10_000))
@@ -88,6 +111,8 @@ async def test_short_runs_move_to_the_loop_thread_once_measured_and_long_ones_ne
     assert threads[0] != loop_thread and threads[1:] == [loop_thread, loop_thread]
     await batcher.submit(ids(-1))  # runs inline (unknown to be slow), measured slow
     await batcher.submit(ids(-1))
+    assert threads[-2:] == [loop_thread, threads[0]]
+    await batcher.submit(ids(1))  # the slow run is the last measured: still off the loop
     assert threads[-1] != loop_thread
     batcher.swap(predict, "2")  # a new model is measured again, off the loop
     await batcher.submit(ids(4))
@@ -144,24 +169,32 @@ def test_the_run_policy_goes_inline_only_for_runs_known_to_be_short():
     assert not never.inline(1)
 
 
-async def test_compute_time_is_time_in_the_model_on_the_worker_path_too():
-    """A fast run whose result waits for a busy loop: the wait is not compute time."""
+async def test_compute_time_is_time_in_the_model_on_the_worker_path_too(clock):
+    """A run whose result waits for a busy loop: the wait is not compute time."""
     started, finish = threading.Event(), threading.Event()
 
     def predict(batch: np.ndarray) -> np.ndarray:
         started.set()
         assert finish.wait(timeout=10)
+        clock.advance(0.003)  # the model's own 3 ms
         return batch
 
-    batcher = Batcher(predict, BatcherLimits(inline_max_us=0), on_batch=(events := []).append)
+    worker = ThreadPoolExecutor(1)
+    batcher = Batcher(
+        predict, BatcherLimits(inline_max_us=0), executor=worker, on_batch=(events := []).append
+    )
     batcher.start()
     submitted = asyncio.ensure_future(batcher.submit(ids(1)))
     await until(started.is_set, "the run to start")
     finish.set()
-    time.sleep(0.05)  # the loop is busy while the result is handed back
+    # The loop stays busy until the run has ended on the worker thread (the one worker takes
+    # this no-op after it), then a second more, before it takes the result.
+    worker.submit(lambda: None).result(timeout=10)
+    clock.advance(1.0)
     result = await submitted
-    assert result.compute_us < 40_000 and events[0].compute_us == result.compute_us
+    assert result.compute_us == 3_000 and events[0].compute_us == 3_000
     await batcher.close()
+    worker.shutdown()
 
 
 def test_limits_refuse_a_negative_inline_budget():
@@ -368,20 +401,22 @@ async def test_close_finishes_accepted_work_then_refuses_new(model):
     assert sum(e.size for e in events) == 5 and not any(e.failed for e in events)
 
 
-async def test_telemetry_reports_queue_and_compute_time(model):
+async def test_telemetry_reports_queue_and_compute_time(model, clock):
     batcher = await make(model)
     model.hold()
     blocker = asyncio.ensure_future(batcher.submit(ids(0)))
     await model.running.wait()
     waiting = asyncio.ensure_future(batcher.submit(ids(1)))
-    await asyncio.sleep(0.01)  # a measurable queue wait, not synchronisation
+    await asyncio.sleep(0)  # let it enqueue
+    assert batcher.queued_images == 1
+    clock.advance(0.01)  # the held run takes 10 ms
     model.release()
     held = await blocker
     result = await waiting
-    # The blocker's run was held for >= 10 ms: compute time. The waiter waited as long: queue
-    # time, and its own run was quick.
-    assert held.compute_us >= 5_000 and result.queue_us >= 5_000
-    assert result.compute_us < 5_000
+    # The blocker's 10 ms are compute time; the waiter waited as long: queue time, and its
+    # own run took no time.
+    assert (held.compute_us, held.queue_us) == (10_000, 0)
+    assert (result.queue_us, result.compute_us) == (10_000, 0)
     await batcher.close()
 
 

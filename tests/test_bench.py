@@ -150,7 +150,8 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
     assert "| goal | measured |" in (out / "bench.md").read_text()
     ours = [r for r in results["runs"] if r["key"] == "default"]
     assert {r["workload"] for r in ours} == {
-        "single", "bulk", "bulk u8", "stream", "v2", "v2 bulk", "v2 bulk u8"
+        "single", "bulk", "bulk u8", "stream", "v2", "v2 bulk", "v2 bulk u8", "v2 rest bulk",
+        "v2 rest bulk binary",
     }  # fmt: skip
     for run_result in ours:
         assert run_result["errors"] == {} and run_result["wrong_digits"] == 0, run_result

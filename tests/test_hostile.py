@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from onnx_models import one_hot_image
+from waiting import until
 
 DEEP = "[" * 10_000 + "]" * 10_000
 
@@ -46,6 +47,7 @@ def tensor(**fields) -> bytes:
 
 
 INFER = "/v2/models/tiny/infer"
+MAX_ERROR_CHARS = 300  # the server quotes at most 200 characters of a parser's complaint
 CASES = {
     "nested 10,000 deep": (INFER, DEEP.encode(), "application/json", 400, "nested too deep"),
     "5,000-digit integer in data": (
@@ -65,15 +67,23 @@ CASES = {
     "ragged data": (INFER, tensor(data=[[0.0], [0.0, 1.0]]), "application/json", 400,
                     "data must be a (nested) list of numbers"),
     "unknown charset": (INFER, tensor(), "application/json; charset=klingon", 400, "charset"),
-    "lone surrogate in a name": (INFER, tensor(name="\ud800").replace(b"\\ud800", b"\\ud800"),
-                                 "application/json", 400, "expected input 'pixels'"),
+    # JSON's escape of a lone surrogate is valid JSON and a str Python cannot encode as UTF-8:
+    # the reply names it escaped. Its raw bytes (CESU-8) are not UTF-8, so not JSON.
+    "lone surrogate in a name": (INFER, tensor(name="\ud800"), "application/json", 400,
+                                 "expected input 'pixels' of datatype FP32 (0-1) or UINT8 "
+                                 "(0-255), got '\\ud800' FP32"),
+    "a lone surrogate's bytes in a name": (
+        INFER, tensor(name="\ud800").replace(b"\\ud800", "\ud800".encode("utf-8", "surrogatepass")),
+        "application/json", 400, "the body is not JSON ("),
     "a picture's content type": (INFER, tensor(), "image/png", 415, "takes application/json"),
     "multipart without boundary": ("/v1/classify", b"xx", "multipart/form-data", 400,
                                    "cannot read the upload"),
     "multipart, unterminated": ("/v1/classify", b"--b\r\nContent-Disposition: form-data; "
-                                b"name=f\r\n\r\nabc", "multipart/form-data; boundary=b", 400, ""),
+                                b"name=f\r\n\r\nabc", "multipart/form-data; boundary=b", 400,
+                                "cannot read the upload as a form ("),
     "multipart, 5,000-char boundary": ("/v1/classify", b"--" + b"b" * 5000 + b"\r\n",
-                                       "multipart/form-data; boundary=" + "b" * 5000, 400, ""),
+                                       "multipart/form-data; boundary=" + "b" * 5000, 400,
+                                       "cannot read the upload as a form (boundary 'bbb"),
 }  # fmt: skip
 
 
@@ -88,7 +98,9 @@ async def test_hostile_bodies_get_a_json_4xx(http_port, case, caplog):
     path, body, content_type, status, message = CASES[case]
     got, reply, _ = await raw_http(http_port, post(path, body, content_type), body)
     assert got == status, (got, reply)
-    assert message in reply["error"]
+    assert message in reply["error"], reply
+    # What the hostile body holds is quoted, never echoed whole (a 5,000-character boundary).
+    assert len(reply["error"]) <= MAX_ERROR_CHARS, len(reply["error"])
     assert "Traceback" not in caplog.text
 
 
@@ -153,7 +165,15 @@ def _big_picture(path, side: int, mode: str):
 async def test_small_files_of_huge_pictures_cost_bounded_memory(
     processes, tiny_model_path, tmp_path
 ):
-    """The probe: a ~100 KB PNG of 6300x6300 cost 0.8-1.5 GB each, four at once 6.2 GB."""
+    """The probe: a ~100 KB PNG of 6300x6300 cost 0.8-1.5 GB each, four at once 6.2 GB.
+
+    Measured here (2 cores, glibc, Pillow 11; 8 runs): one decode of the 16-megapixel RGBA
+    picture at the cap peaks at +151 MB (64 MB decoded, a 64 MB float copy of it shrunk to
+    the 2048-pixel work size, its luminance); four sent at once peak at 1.63-1.65 times one
+    decode (two decode, two are refused) and keep +46 MB (the allocator's per-thread arenas).
+    Each failure mode lands well past its bound: no shrinking before the float copy, +794 MB
+    for one; four decoding at once, 2.8-3.3 times one; decoded pictures kept by the
+    allocator (no mallopt), +150 MB kept."""
     import aiohttp
 
     grey = _big_picture(tmp_path / "grey.png", 6300, "L")  # 40 megapixels
@@ -164,19 +184,29 @@ async def test_small_files_of_huge_pictures_cost_bounded_memory(
     pid = server.proc.pid
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port()}") as http:
         assert (await http.post("/v1/classify", data=grey)).status == 200  # warm
-        base_peak, base_rss = _kib(pid, "VmHWM"), _kib(pid, "VmRSS")
-        replies = await asyncio.gather(
-            *(http.post("/v1/classify", data=picture) for picture in (grey, rgba, grey, rgba))
-        )
+        start_rss = _kib(pid, "VmRSS")
+        assert (await http.post("/v1/classify", data=rgba)).status == 200
+        one_mb = (_kib(pid, "VmHWM") - start_rss) / 1024
+        # Four copies of the costliest picture the cap allows: whichever two arrive first
+        # decode, the other two find both decodes busy. (A decode takes ~0.5 s here; the four
+        # arrive within milliseconds.)
+        replies = await asyncio.gather(*(http.post("/v1/classify", data=rgba) for _ in range(4)))
         statuses = sorted(reply.status for reply in replies)
+        busy = [(await reply.json())["error"] for reply in replies if reply.status == 429]
         refused = await http.post("/v1/classify", data=too_big)
         message = (await refused.json())["error"]
-    grown_mb = (_kib(pid, "VmHWM") - base_peak) / 1024
-    kept_mb = (_kib(pid, "VmRSS") - base_rss) / 1024
-    print(f"uploads {statuses}: peak +{grown_mb:.0f} MB, kept +{kept_mb:.0f} MB")
-    assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
-    assert grown_mb < 400, grown_mb  # any mix: MAX_CONCURRENT_DECODES at a time
-    assert kept_mb < 100, kept_mb  # and it is given back
+    peak_mb = (_kib(pid, "VmHWM") - start_rss) / 1024
+    kept_mb = (_kib(pid, "VmRSS") - start_rss) / 1024
+    print(f"uploads {statuses}: one +{one_mb:.0f} MB, four +{peak_mb:.0f} MB, kept +{kept_mb:.0f}")
+    # MAX_CONCURRENT_DECODES (2) at once; the rest are told to back off, not queued.
+    assert statuses == [200, 200, 429, 429], statuses
+    assert all("2 pictures are being decoded already" in error for error in busy), busy
+    # 180 MB: the 151 measured plus 20% for other allocators and Pillow versions.
+    assert one_mb < 180, one_mb
+    # Two decodes' worth: the bound is what the cap means; 1.65 measured, 2.8 without it.
+    assert peak_mb < 2 * one_mb, (peak_mb, one_mb)
+    # Less than one decoded picture at the cap (64 MB) stays: 46 MB measured, 150 if kept.
+    assert kept_mb < 64, kept_mb
     assert refused.status == 400 and "151 MB decoded, over the 64 MB limit" in message
 
 
@@ -248,27 +278,61 @@ async def test_with_a_token_unknown_methods_are_unauthenticated(
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_thousands_of_idle_streams_are_kept_not_cancelled(start_server, tiny_model_path):
-    """Without a per-connection stream limit grpc core CANCELs streams opened in a burst."""
+@pytest.mark.parametrize(
+    "connections",
+    [
+        1,
+        pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
+            "grpc core cancels RPCs past grpc.server.max_pending_requests (1,000) waiting for "
+            "the application, across all connections: server/app.py sets no such option"))),
+    ],
+)  # fmt: skip
+async def test_thousands_of_idle_streams_are_kept_not_cancelled(
+    start_server, tiny_model_path, monkeypatch, connections
+):
+    """Without a per-connection stream limit grpc core CANCELs streams opened in a burst
+    (here ~440 of 2,500 on one connection, as soon as the burst reaches the server)."""
     import grpc
 
     from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
+    from digit_recognizer.server.app import MAX_STREAMS_PER_CONNECTION
+    from digit_recognizer.server.service import DigitClassifierService
 
+    opened = 0  # streams whose handler the server started
+    serve = DigitClassifierService.ClassifyStream
+
+    async def counted(self, requests, context):
+        nonlocal opened
+        opened += 1
+        async for reply in serve(self, requests, context):
+            yield reply
+
+    monkeypatch.setattr(DigitClassifierService, "ClassifyStream", counted)
     server = await start_server(tiny_model_path)
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(2)]
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # else channels share one
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=own_connection)
+        for _ in range(connections)
+    ]
     try:
         streams = [
-            digits_pb2_grpc.DigitClassifierStub(channel).ClassifyStream()
+            [digits_pb2_grpc.DigitClassifierStub(channel).ClassifyStream() for _ in range(2500)]
             for channel in channels
-            for _ in range(2500)
         ]
-        await asyncio.sleep(2)
-        ended = [stream for stream in streams if stream.done()]
+        # The burst has reached the server: it started what the limit lets in, the client
+        # holds the rest until a stream ends.
+        taken = connections * MAX_STREAMS_PER_CONNECTION
+        await until(lambda: opened >= taken, f"the server to start {taken} streams", 30)
+        # A round trip on each connection: its frames arrive in order, so a cancel sent
+        # during the burst has reached the client before this reply.
+        for first, *_ in streams:
+            await first.write(digits_pb2.ClassifyRequest(pixels=one_hot_image(6)))
+            reply = await asyncio.wait_for(first.read(), timeout=10)
+            assert reply.response.predictions[0].digit == 6
+        ended = [stream for each in streams for stream in each if stream.done()]
         assert not ended, (len(ended), await ended[0].code())
-        first = streams[0]
-        await first.write(digits_pb2.ClassifyRequest(pixels=one_hot_image(6)))
-        assert (await first.read()).response.predictions[0].digit == 6
-        for stream in streams:
+        assert opened == taken  # and no more: the others wait, they are not cancelled
+        for stream in (stream for each in streams for stream in each):
             stream.cancel()
     finally:
         for channel in channels:

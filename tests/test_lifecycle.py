@@ -111,7 +111,7 @@ async def test_sigterm_drains_every_accepted_request_and_exits_0(processes, tmp_
         *("--model", str(model), "--workers", str(workers), "--max-batch-size", "8"),
         *("--metrics-port", "0"),
     )
-    port = server.wait_serving(count=workers)
+    port = server.wait_serving()  # one line once every worker serves
     replies, in_flight, late = await _load_then_sigterm(server, port, calls=200)
     code, log = server.finish()
     assert code == 0, log
@@ -139,17 +139,26 @@ async def test_health_reports_serving_from_a_process(processes, tiny_model_path)
     assert code == 0
 
 
-def test_a_port_in_use_is_one_line_and_exit_1(processes, tiny_model_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--port", "cannot listen on 127.0.0.1:{port}"), ("--http-port", "cannot serve HTTP on port")],
+)
+def test_a_port_in_use_is_one_line_before_the_model_loads(
+    processes, tiny_model_path, workers, flag, message
+):
+    """Checked before any model is loaded (and, with workers, before any is forked): no
+    "loaded" line, no worker lines, and no grpc core line (E1207 ... add_port.cc) first."""
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = processes("--model", str(tiny_model_path), "--port", str(port))
+        server = processes("--model", str(tiny_model_path), flag, str(port), "--workers", workers)
         code, log = server.finish()
-    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in log
-    assert "Traceback" not in log and " serving " not in log
+    assert code == 1 and message.format(port=port) in log and "address already in use" in log
+    assert log.count("\n") == 1 and "not starting" in log, log
 
 
 def test_json_logs_are_one_object_per_line(processes, tiny_model_path):
@@ -178,8 +187,8 @@ def test_json_logs_are_one_object_per_line(processes, tiny_model_path):
 
 def test_a_crashing_worker_stops_the_others_and_exits_1(processes, tiny_model_path):
     server = processes("--model", str(tiny_model_path), "--workers", "2")
-    server.wait_serving(count=2)
-    pids = [int(pid) for pid in re.findall(r" serving .*pid=(\d+)", "".join(server.log))]
+    server.wait_serving()
+    pids = _worker_pids(server)
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     code, log = server.finish()
@@ -187,12 +196,116 @@ def test_a_crashing_worker_stops_the_others_and_exits_1(processes, tiny_model_pa
     assert log.count(" stopped") == 1  # the other worker drained and stopped cleanly
 
 
-def test_a_corrupt_model_is_the_only_line_even_with_metrics_on(processes, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_corrupt_model_is_the_only_line_even_with_metrics_on(processes, tmp_path, workers):
+    """With workers, the model is checked once before any worker exists: not one ERROR line
+    per worker, then "worker-1 exited with 1; stopping the others"."""
     path = tmp_path / "model.onnx"
     path.write_bytes(b"\x08\x01garbage")
-    server = processes("--model", str(path), "--metrics-port", "0")
+    server = processes("--model", str(path), "--metrics-port", "0", "--workers", workers)
     code, log = server.finish()
     assert code == 1 and log.count("\n") == 1 and "not starting" in log, log
+    assert "not a loadable ONNX model" in log
+
+
+def test_what_every_worker_refuses_is_said_once(processes, tiny_model_path):
+    """--provider cuda where onnxruntime has no CUDA: only the workers find out (the probe
+    loads on the CPU); each tells the supervisor, which prints the one line."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is available here: the workers start")
+    server = processes("--model", str(tiny_model_path), "--workers", "2", "--provider", "cuda")
+    code, log = server.finish()
+    assert code == 1 and "provider 'cuda' requested" in log, log
+    assert log.count("not starting") == 1 and "exited with" not in log, log
+
+
+def test_an_unserved_default_model_is_one_line_before_any_worker(processes, tiny_model_path):
+    server = processes("--model", str(tiny_model_path), "--workers", "2", "--default-model", "x")
+    code, log = server.finish()
+    assert code == 1 and log.count("\n") == 1, log
+    assert "--default-model 'x' is not served" in log
+
+
+def _worker_pids(server: ServerProcess) -> list[int]:
+    (pids,) = re.findall(r" serving .*pids=([\d,]+)", "".join(server.log))
+    return [int(pid) for pid in pids.split(",")]
+
+
+def _wait_for_line(server: ServerProcess, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in server.log):
+        line = server._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        assert line is not None, "".join(server.log)
+
+
+def test_workers_print_the_start_up_lines_once(processes, tiny_model_path, tmp_path):
+    """They used to come once per worker: serving, page, and every model loaded or refused."""
+    for version, data in (("1", tiny_model_path.read_bytes()), ("2", b"\x08\x01garbage")):
+        (tmp_path / "repo" / "tiny" / version).mkdir(parents=True)
+        (tmp_path / "repo" / "tiny" / version / "model.onnx").write_bytes(data)
+    server = processes(
+        *("--model-repository", str(tmp_path / "repo"), "--version-policy", "all"),
+        *("--workers", "2", "--http-port", "0"),
+    )
+    server.wait_serving()
+    _wait_for_line(server, " page url=")
+    log = "".join(server.log)
+    assert log.count("] serving ") == 1 and log.count("] page ") == 1, log
+    # The other worker loads (and refuses) them too, silently.
+    assert log.count(" loaded ") == 1 and log.count("not a loadable ONNX model") == 1, log
+    assert " workers=2 " in log and len(_worker_pids(server)) == 2
+    server.proc.send_signal(signal.SIGTERM)
+    code, log = server.finish()
+    assert code == 0 and log.count(" stopped") == 2, log
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_right_after_serving_stops_cleanly(processes, tiny_model_path, workers):
+    """A terminal's Ctrl-C reaches every process of the group at once. It used to exit 1
+    with no error line (2 of 7 tries): the first worker printed "serving" while the second
+    was still starting, and the supervisor's SIGTERM killed that one before it had handlers."""
+    for _ in range(4):
+        server = processes("--model", str(tiny_model_path), "--workers", workers)
+        server.wait_serving()
+        pids = _worker_pids(server) if workers == "2" else []
+        for pid in [server.proc.pid, *pids]:
+            os.kill(pid, signal.SIGINT)
+        code, log = server.finish()
+        assert code == 0 and "Traceback" not in log and " stopped" in log, log
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_stop_when_the_supervisor_dies(processes, tiny_model_path):
+    """SIGKILL (or the OOM killer) on the supervisor: its workers drain and exit instead of
+    serving on as orphans that hold the port."""
+    server = processes("--model", str(tiny_model_path), "--workers", "2", "--grace-period", "1")
+    server.wait_serving()
+    pids = _worker_pids(server)
+    server.proc.kill()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived their supervisor"
+        time.sleep(0.05)
+    server.finish()
+    assert "the supervisor is gone: stopping" in "".join(server.log)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_workers_start_is_a_clean_stop(processes, tiny_model_path, signum):
+    server = processes("--model", str(tiny_model_path), "--workers", "2")
+    _wait_for_line(server, " workers count=2")  # spawned now, importing for a second
+    server.proc.send_signal(signum)
+    code, log = server.finish()
+    assert code == 0 and "Traceback" not in log and "exited with" not in log, log
 
 
 def test_the_page_url_is_printed_at_start(processes, tiny_model_path):
@@ -210,10 +323,11 @@ def test_the_page_url_is_printed_at_start(processes, tiny_model_path):
 def test_workers_auto_is_one_per_usable_cpu_with_its_share_of_threads(processes, tiny_model_path):
     cpus = available_cpus()
     server = processes("--model", str(tiny_model_path), "--workers", "auto")
-    port = server.wait_serving(count=cpus)
+    port = server.wait_serving()
     log = "".join(server.log)
     if cpus > 1:  # one process needs no supervisor; several split the cores for onnxruntime
         assert f" workers count={cpus} intra_op_threads=1" in log, log
+        assert len(_worker_pids(server)) == cpus
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = digits_pb2_grpc.DigitClassifierStub(channel)
         request = digits_pb2.ClassifyRequest(pixels=one_hot_image(5).tolist())

@@ -103,6 +103,8 @@ async def test_overload_is_refused_fast_and_nothing_accepted_is_lost(processes, 
     assert figures["rejection_p50_ms"] < figures["accepted_p50_ms"]
     # The p99 of a refusal beats the median of a service (a 30x slower refusal would not).
     assert figures["rejection_p99_ms"] < figures["accepted_p50_ms"]
-    assert figures["rss_max_mb"] - figures["rss_start_mb"] < 150
+    # Memory stays flat: +4.2-4.7 MB measured over 6,000+ refusals (3 runs, 2 cores). 10 MB
+    # is twice that for allocator noise; a leak of 1 KB per refused call (+6 MB) exceeds it.
+    assert figures["rss_max_mb"] - figures["rss_start_mb"] < 10
     assert figures["recovery_max_ms"] < 1000
     assert os.path.exists(f"/proc/{pid}")  # still alive

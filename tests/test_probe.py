@@ -26,7 +26,7 @@ def test_ready_over_http_and_grpc_and_not_ready_when_nothing_listens(processes, 
     # In a container the probe shares the server's environment and needs no arguments.
     assert probe(env={"DIGITS_HTTP_PORT": str(http_port)}).returncode == 0
     assert probe("--port", str(grpc_port)).returncode == 0
-    server.finish()
+    server.kill()
     for args in (["--http-port", str(http_port)], ["--port", str(grpc_port)]):
         refused = probe(*args)
         assert refused.returncode == 1
@@ -35,13 +35,6 @@ def test_ready_over_http_and_grpc_and_not_ready_when_nothing_listens(processes, 
 
 def test_the_http_path_loads_neither_grpc_nor_protobuf():
     # grpc's import alone costs about 0.1 CPU-s, the whole budget of a probe.
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import sys; from digit_recognizer.client import probe; "
-         "probe.main(['--http-port', '1', '--timeout', '0.5'])"
-         "", ],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert loaded.returncode == 1
     check = subprocess.run(
         [sys.executable, "-c",
          "import sys\nfrom digit_recognizer.client import probe\n"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,3 +284,116 @@ def test_permission_denied_is_reported_as_unauthenticated_too():
             return "nope"
 
     assert isinstance(from_rpc_error(Fake(), "x"), Unauthenticated)
+
+
+def _https(pki: Pki, client_cert: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca)
+    if client_cert:
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+async def test_the_http_front_speaks_tls_with_the_grpc_files(start_server, tiny_model_path, pki):
+    """TLS on gRPC means TLS on the HTTP port too: a bearer token never crosses it in clear."""
+    import aiohttp
+
+    server = await start_server(
+        tiny_model_path,
+        plaintext=False,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        auth_token_file=pki.token,
+        http_port=0,
+    )
+    assert server.http.tls
+    token = {"Authorization": "Bearer s3cret-token"}
+    async with aiohttp.ClientSession() as http:
+        base = f"https://localhost:{server.http.port}"
+        ready = await http.get(f"{base}/v2/health/ready", ssl=_https(pki))
+        assert ready.status == 200
+        meta = await http.get(f"{base}/v2/models/tiny", ssl=_https(pki), headers=token)
+        assert meta.status == 200 and (await meta.json())["name"] == "tiny"
+        assert (await http.get(f"{base}/v2/models/tiny", ssl=_https(pki))).status == 401
+        with pytest.raises(aiohttp.ClientError):  # plain HTTP to the TLS port
+            await http.get(f"http://localhost:{server.http.port}/v2/health/ready")
+
+
+async def test_mutual_tls_on_the_http_front_needs_a_client_certificate(
+    start_server, tiny_model_path, pki
+):
+    import aiohttp
+
+    server = await start_server(
+        tiny_model_path,
+        plaintext=False,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+        http_port=0,
+    )
+    url = f"https://localhost:{server.http.port}/v2/health/ready"
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):  # the handshake is refused, probes included
+            await (await http.get(url, ssl=_https(pki))).read()
+        assert (await http.get(url, ssl=_https(pki, client_cert=True))).status == 200
+
+
+async def test_http_plaintext_serves_plain_http_beside_tls_grpc(start_server, tiny_model_path, pki):
+    import aiohttp
+
+    server = await start_server(
+        tiny_model_path,
+        plaintext=False,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        http_port=0,
+        http_plaintext=True,
+    )
+    assert not server.http.tls
+    async with aiohttp.ClientSession() as http:
+        reply = await http.get(f"http://127.0.0.1:{server.http.port}/v2/health/ready")
+        assert reply.status == 200
+    secure = Credentials(root_certificates=pki.ca.read_bytes())
+    async with AsyncDigitClient(f"localhost:{server.port}", credentials=secure) as client:
+        assert (await client.classify(one_hot_image(9))).digit == 9  # gRPC keeps its TLS
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_the_start_says_how_the_http_port_is_served(processes, tiny_model_path, pki, plain):
+    server = processes(
+        "--model", str(tiny_model_path), "--tls-cert", str(pki.server_cert),
+        "--tls-key", str(pki.server_key), "--http-port", "0",
+        *(["--http-plaintext"] if plain else []),
+    )  # fmt: skip
+    server.wait_serving()
+    server.proc.send_signal(signal.SIGTERM)
+    code, log = server.finish()
+    assert code == 0, log
+    port = server.http_port()
+    warnings = [line for line in log.splitlines() if " WARNING " in line]
+    if plain:
+        assert f"page url=http://127.0.0.1:{port}/" in log and " http_tls=off " in log
+        (warning,) = warnings
+        assert "--http-plaintext" in warning and "in clear" in warning
+    else:
+        assert f"page url=https://127.0.0.1:{port}/" in log and " http_tls=on " in log
+        assert not warnings, warnings
+
+
+def test_unusable_pem_files_are_a_flag_problem(processes, tiny_model_path, tmp_path, pki):
+    """Refused with the other flags (exit 2), before anything loads: grpc read them only at
+    bind time, after the model had loaded, and Python's ssl would say it in a traceback."""
+    import subprocess
+
+    from processes import DIGIT_SERVER
+
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    result = subprocess.run(
+        [DIGIT_SERVER, "--model", str(tiny_model_path), "--tls-cert", str(broken),
+         "--tls-key", str(pki.server_key), "--max-batch-size", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--tls-cert/--tls-key/--tls-client-ca: not a usable PEM" in result.stderr
+    assert "--max-batch-size must be at least 1" in result.stderr
