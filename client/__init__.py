@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         InvalidInput,
         Overloaded,
         ServerError,
+        TooManyPieces,
         Unauthenticated,
         Unavailable,
     )
@@ -50,6 +51,7 @@ _HOMES = {
     "InvalidInput": "errors",
     "Overloaded": "errors",
     "ServerError": "errors",
+    "TooManyPieces": "errors",
     "Unauthenticated": "errors",
     "Unavailable": "errors",
     "to_mnist": "images",
@@ -73,6 +75,7 @@ __all__ = [
     "Reading",
     "ServerError",
     "Telemetry",
+    "TooManyPieces",
     "Unauthenticated",
     "Unavailable",
     "find_digits",

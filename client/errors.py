@@ -4,6 +4,7 @@
     ├── InvalidInput            the images break the input contract (found here or by the server);
     │                           `.field_violations` lists the server's (field, description) pairs
     │   └── ImageError          a picture cannot be read or holds no digit; names the file
+    │       └── TooManyPieces   more pieces of ink than one read classifies (`.limit`)
     ├── Overloaded              RESOURCE_EXHAUSTED: the server's queue is full; back off
     ├── Unavailable             UNAVAILABLE: server down, starting or draining (already retried)
     ├── DeadlineExceeded        the call's timeout passed before the answer came
@@ -17,7 +18,7 @@ traceback attached.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -59,6 +60,17 @@ class ImageError(InvalidInput):
 
 class BlankPicture(ImageError):
     """The picture holds no ink: blank paper, or too little contrast to tell ink from it."""
+
+
+class TooManyPieces(ImageError):
+    """The picture holds more pieces of ink than one read classifies (`limit`)."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by worker processes: keep the limit
+        return type(self), (str(self), self.limit)
 
 
 class Overloaded(DigitClientError):

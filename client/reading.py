@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from digit_recognizer.client.errors import BlankPicture, ImageError
+from digit_recognizer.client.errors import BlankPicture, ImageError, TooManyPieces
 from digit_recognizer.client.images import ImageSource, _describe, frame, quantized, to_ink
 
 if TYPE_CHECKING:
@@ -47,17 +47,6 @@ _MAX_DIGIT_ASPECT = 1.1
 # Touching digits sit about a height apart (their ink is dense where they meet): the
 # digits in a wide piece are counted as its width over this share of its height.
 _DIGIT_PITCH = 0.9
-
-
-class TooManyPieces(ImageError):
-    """The picture holds more pieces of ink than one read classifies (`limit`)."""
-
-    def __init__(self, message: str, limit: int) -> None:
-        super().__init__(message)
-        self.limit = limit
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled by worker processes: keep the limit
-        return type(self), (str(self), self.limit)
 
 
 @dataclass(frozen=True)
