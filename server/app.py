@@ -116,10 +116,11 @@ async def _start(
             # (of 10,000 idle ClassifyStreams on 10 connections, ~5,500 within 3 s; the bare
             # floor server too). With a limit, clients queue the extra streams instead.
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            *_connection_age_options(config),
         ],
     )
-    DigitClassifierService(plane).add_to(server)
-    InferenceService(plane).add_to(server)
+    DigitClassifierService(plane, worker=config.instance, workers=config.instances).add_to(server)
+    InferenceService(plane, workers=config.instances).add_to(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -137,7 +138,7 @@ async def _start(
     http = None
     if config.http_port is not None:  # bound before anything reports SERVING
         http = HttpFront(
-            build_app(plane, config.max_message_bytes, token),
+            build_app(plane, config.max_message_bytes, token, workers=config.instances),
             config.host,
             config.http_port,
             reuse_port=reuse_port,
@@ -154,6 +155,19 @@ async def _start(
     return RunningServer(server, port, health_servicer, plane, repository, http)
 
 
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """SO_REUSEPORT spreads connections over --workers' processes when they open, blind to
+    load, and a long-lived client never opens another: its connection is closed (GOAWAY) after
+    an age, so it lands again, at random, and lopsided spreads do not last. Calls in progress
+    finish within the grace; the client's next calls go to its new connection, none fail."""
+    if not config.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+    ]
+
+
 def _repository(
     config: ServerConfig, plane: DataPlane, options: InferenceOptions | None = None
 ) -> ModelRepository:
@@ -165,6 +179,9 @@ def _repository(
         options=options or config.inference,
         batcher_limits=config.batcher_limits,
         interval_s=config.reload_interval_s,
+        control_mode=config.model_control_mode,
+        load_models=config.load_model,
+        honour_instance_kind=options is None,  # the probe stays on its CPU options
     )
 
 

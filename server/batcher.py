@@ -54,6 +54,9 @@ class BatcherLimits:
     max_delay_us: int = 0
     max_queue_size: int = 4096
     inline_max_us: int = 250  # runs expected to be this short stay on the loop; 0 = never
+    # Triton's preferred_batch_size: a batch of the largest of these that the queue can fill
+    # runs at once (without waiting out max_delay_us); failing that, what is queued runs.
+    preferred_batch_sizes: tuple[int, ...] = ()
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, "must ...") for every unusable limit; empty when the limits are usable."""
@@ -66,6 +69,13 @@ class BatcherLimits:
             problems.append(("max_queue_size", f"must be at least 1, got {self.max_queue_size}"))
         if self.inline_max_us < 0:
             problems.append(("inline_max_us", f"must be >= 0, got {self.inline_max_us}"))
+        if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
+            problems.append(
+                (
+                    "preferred_batch_sizes",
+                    f"must be in 1..max_batch_size, got {list(self.preferred_batch_sizes)}",
+                )
+            )
         return problems
 
     def validate(self) -> list[str]:
@@ -262,7 +272,8 @@ class Batcher:
         if self.limits.max_delay_us == 0:
             return
         flush_at = self._queue[0].enqueued + self.limits.max_delay_us / 1e6
-        while self._queued_images < self.limits.max_batch_size and self._accepting:
+        full = max(self.limits.preferred_batch_sizes, default=self.limits.max_batch_size)
+        while self._queued_images < full and self._accepting:
             timeout = flush_at - _clock()
             if timeout <= 0:
                 return
@@ -307,6 +318,9 @@ class Batcher:
         """Segments (pending, start, stop) filling one batch from the head of the queue."""
         self._drop_dead(now)
         room = self.limits.max_batch_size
+        queued = min(self._queued_images, room)
+        if fitting := [size for size in self.limits.preferred_batch_sizes if size <= queued]:
+            room = max(fitting)  # the largest preferred size the queue fills
         segments = []
         while self._queue and room > 0:
             pending = self._queue[0]

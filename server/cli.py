@@ -107,7 +107,8 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     default=_DEFAULTS.model_control_mode,
     help="Triton's model control. poll: the repository is watched (--reload-interval); none: "
     "what is there at start is served until a restart; explicit: the --load-model models, "
-    "then what load and unload requests ask (RepositoryModelLoad/Unload).",
+    "then what load and unload requests ask (RepositoryModelLoad/Unload), in one worker "
+    "process.",
 )
 @option(
     "--load-model",
@@ -310,6 +311,8 @@ def _serve(ctx: click.Context, no_metrics: bool, options: dict[str, object]) -> 
     problems = []
     if options["model_repository"] is not None and ctx.get_parameter_source("model") != given:
         problems.append("give --model or --model-repository, not both")
+    if options["model_control_mode"] == "explicit" and ctx.get_parameter_source("workers") == given:
+        options["workers"] = 1  # load and unload requests must reach the one repository
     options["log_level"] = str(options["log_level"]).upper()
     if no_metrics:
         options["metrics_port"] = None

@@ -42,6 +42,14 @@ class ServerConfig:
     spin_wait: bool = False
     allow_tf32: bool = False  # CUDA only: faster, but outputs differ from the CPU's (5.6e-4)
     workers: int = 1
+    # Set by the supervisor in each of --workers N's processes (where `workers` is 1): how
+    # many there are and which one this is, for replies (Telemetry.worker) and ModelConfig.
+    instances: int = 1
+    instance: int = 0
+    # Connections are closed (GOAWAY) after this long, so that the kernel spreads long-lived
+    # clients over the workers again; calls in progress get the grace to finish. 0: never.
+    max_connection_age_s: float = 60.0
+    max_connection_age_grace_s: float = 600.0
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"  # unauthenticated: loopback unless asked (containers do)
     http_port: int | None = None  # None: no HTTP front; 0: any free port
@@ -169,6 +177,8 @@ class ServerConfig:
             problems.append(f"--intra-op-threads must be >= 0, got {self.intra_op_threads}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            problems.append("--max-connection-age and its grace must be >= 0 seconds")
         problems += self._control_problems()
         if self.reload_interval_s < 0:
             problems.append(f"--reload-interval must be >= 0 seconds, got {self.reload_interval_s}")

@@ -65,7 +65,7 @@ _HONOURED = {
     "dynamic_batching",
     "instance_group",
     "dynamic_batching.max_queue_delay_microseconds",
-    "dynamic_batching.preferred_batch_size",  # checked, then reported (see _settings)
+    "dynamic_batching.preferred_batch_size",
     "default_model_filename",
     "dynamic_batching.default_queue_policy",
     "dynamic_batching.default_queue_policy.max_queue_size",
@@ -184,7 +184,11 @@ class ModelSettings:
     @property
     def batcher_limits(self) -> BatcherLimits:
         return BatcherLimits(
-            self.max_batch_size, self.max_queue_delay_us, self.max_queue_size, self.inline_max_us
+            self.max_batch_size,
+            self.max_queue_delay_us,
+            self.max_queue_size,
+            self.inline_max_us,
+            tuple(sorted(set(self.preferred_batch_sizes))),
         )
 
     def provider(self, default: str) -> str:
@@ -278,10 +282,6 @@ def _settings(
                 f"preferred_batch_size {size} is not in 1..max_batch_size "
                 f"({settings.max_batch_size})"
             )
-    if settings.preferred_batch_sizes:
-        # The batcher forms batches up to max_batch_size; it has no preferred sizes (yet).
-        unsupported.append("dynamic_batching.preferred_batch_size")
-        settings = replace(settings, preferred_batch_sizes=())
 
     policy = _version_policy(path, config)
     if policy is not None:

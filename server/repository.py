@@ -176,10 +176,10 @@ class ModelRepository:
         served (in place of what its versions were). ControlRefused says why not."""
         self._check_explicit("load")
         async with self._lock:
-            if name not in _scan(self._source):
+            if name not in (names := _scan(self._source)):
                 raise ModelNotFound(
-                    f"no model {name!r} in the repository {self._source} (expected "
-                    f"<name>/<version>/{MODEL_FILE})"
+                    f"no model {name!r} in the repository (it has "
+                    f"{', '.join(sorted(names)) or 'none'}; expected <name>/<version>/{MODEL_FILE})"
                 )
             assert self._chosen is not None
             self._chosen.add(name)

@@ -21,8 +21,12 @@ STREAM_WINDOW = rpc.STREAM_WINDOW  # messages of one ClassifyStream read ahead o
 
 
 class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, worker: int = 0, workers: int = 1) -> None:
+        """`worker` of `workers`: this process among --workers N, told in every reply and in
+        ModelInfo, so a client can hold a connection to each process."""
         self._plane = plane
+        self._worker = worker
+        self._workers = workers
 
     def add_to(self, server: grpc.aio.Server) -> None:
         rpc.add_service(self, SERVICE, server)
@@ -69,7 +73,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
             request, self._plane.limits.max_images_per_request, len(served.labels)
         )
         result = await self._plane.classify(served, pixels, remaining)
-        return _response(request, served, result)
+        return _response(request, served, result, self._worker, self._workers)
 
     async def _stream_reply(
         self, request: digits_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -97,7 +101,7 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
         served = call.served = self._plane.resolve(request.model, request.model_version)
         model, card = served.model, served.model.card
         contract = {**INPUT_CONTRACT, **card.input_contract}  # cards may predate a field
-        batching, limits = self._plane.batcher_limits, self._plane.limits
+        batching, limits = served.settings.batcher_limits, self._plane.limits  # config.pbtxt
         low, high = contract["range"]
         return digits_pb2.ModelInfo(
             name=card.name,
@@ -131,6 +135,8 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
             training_config_json=json.dumps(card.training_config, sort_keys=True),
             library_versions=card.library_versions,
             detector_json=json.dumps(card.detector, sort_keys=True) if card.detector else "",
+            worker=self._worker,
+            workers=self._workers,
         )
 
     async def _list_models(
@@ -149,7 +155,11 @@ class DigitClassifierService(digits_pb2_grpc.DigitClassifierServicer):
 
 
 def _response(
-    request: digits_pb2.ClassifyRequest, served: ServedVersion, result: Classified
+    request: digits_pb2.ClassifyRequest,
+    served: ServedVersion,
+    result: Classified,
+    worker: int = 0,
+    workers: int = 1,
 ) -> digits_pb2.ClassifyResponse:
     labels = served.labels
     probabilities = result.probabilities
@@ -182,5 +192,7 @@ def _response(
             batches=execution.batches,
             queue_us=execution.queue_us,
             compute_us=execution.compute_us,
+            worker=worker,
+            workers=workers,
         ),
     )

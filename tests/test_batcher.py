@@ -252,6 +252,33 @@ async def test_requests_arriving_during_a_run_form_the_next_batch_in_order(model
     await batcher.close()
 
 
+async def test_runs_take_the_largest_preferred_size_the_queue_fills(model):
+    # Triton's dynamic_batching.preferred_batch_size (config.pbtxt): 11 queued with preferred
+    # 4 and 8 run as 8 then 3; without preferred sizes they would run as one batch of 11.
+    batcher = await make(model, max_batch_size=16, preferred_batch_sizes=(4, 8))
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(ids(0)))
+    await model.running.wait()
+    rest = [asyncio.ensure_future(batcher.submit(ids(i))) for i in range(1, 12)]
+    await asyncio.sleep(0)  # let the submits enqueue; no timing involved
+    assert batcher.queued_images == 11
+    model.release()
+    await asyncio.wait_for(asyncio.gather(first, *rest), timeout=10)
+    assert [len(c) for c in model.calls] == [1, 8, 3]
+    await batcher.close()
+
+
+async def test_a_preferred_size_reached_runs_without_waiting_out_the_delay(model):
+    batcher = await make(
+        model, max_batch_size=64, max_delay_us=60_000_000, preferred_batch_sizes=(4,)
+    )
+    results = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(ids(i)) for i in range(4))), timeout=10
+    )
+    assert [len(c) for c in model.calls] == [4] and len(results) == 4
+    await batcher.close()
+
+
 async def test_large_requests_are_split_across_batches_and_reassembled(model):
     batcher = await make(model, max_batch_size=4, max_queue_size=100)
     values = np.arange(10, dtype=np.float32).reshape(-1, 1)

@@ -92,11 +92,14 @@ def test_a_config_sets_batching_and_names_what_it_ignores_in_one_warning(tmp_pat
         64, 1500, 2048,
     )  # fmt: skip
     assert (str(settings.version_policy), settings.instance_kind) == ("all", "cpu")
-    assert settings.batcher_limits == BatcherLimits(64, 1500, 2048, DEFAULTS.inline_max_us)
+    assert settings.batcher_limits == BatcherLimits(
+        64, 1500, 2048, DEFAULTS.inline_max_us, preferred_batch_sizes=(16, 32)
+    )
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1, warnings
+    assert "preferred_batch_size" not in warnings[0]  # honoured: see the batcher's tests
     for ignored in ("timeout_action", "optimization", "model_warmup", "parameters",
-                    "preferred_batch_size", "instance_group.count 2"):  # fmt: skip
+                    "instance_group.count 2"):  # fmt: skip
         assert ignored in warnings[0]
     assert "max_queue_delay" not in warnings[0] and "max_batch_size" not in warnings[0]
 
@@ -120,7 +123,7 @@ async def test_the_served_config_is_what_runs_not_what_the_file_asked(tmp_path):
     batching = config.dynamic_batching
     assert batching.max_queue_delay_microseconds == 1500
     assert batching.default_queue_policy.max_queue_size == 2048
-    assert list(batching.preferred_batch_size) == []  # not honoured: not shown
+    assert list(batching.preferred_batch_size) == [16]  # honoured, so shown
     [group] = config.instance_group
     assert (group.kind, group.count) == (mc.ModelInstanceGroup.KIND_CPU, 3)  # the workers
     assert config.version_policy.WhichOneof("policy_choice") == "latest"
@@ -470,4 +473,26 @@ def test_tritonclient_loads_and_unloads_models_in_explicit_mode(processes, tmp_p
         assert result["config"]["max_batch_size"] == 4
         assert result["digits"] == [4, 2]  # b's answers for 3 and 1
         assert result["after_unload"] == {"a": True, "b": False}
-        assert "failed to load 'nope'" in result["load_unknown"] or "nope" in result["load_unknown"]
+        assert "no model 'nope' in the repository (it has a, b;" in result["load_unknown"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"load_model": ("a",)}, "--load-model needs --model-control-mode explicit"),
+        ({"model_control_mode": "explicit"}, "name the models to serve at start with --load-model"),
+        ({"model_control_mode": "explicit", "load_model": ("a", "*")}, "'*' means every model"),
+        ({"model_control_mode": "explicit", "load_model": ("a",), "workers": 2},
+         "explicit needs --workers 1"),
+        ({"model_control_mode": "watch"}, "--model-control-mode must be none, poll, explicit"),
+    ],
+)  # fmt: skip
+def test_model_control_settings_are_checked_at_start(tmp_path, settings, problem):
+    from digit_recognizer.server.config import ServerConfig
+
+    config = ServerConfig(model=Path("-"), model_repository=tmp_path, **settings)
+    assert [p for p in config.validate() if problem in p], config.validate()
+    without_repository = ServerConfig(model=Path("-"), model_control_mode="explicit")
+    assert "--model-control-mode explicit needs --model-repository" in (
+        without_repository.validate()
+    )

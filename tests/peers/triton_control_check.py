@@ -11,7 +11,7 @@ import numpy as np
 
 try:
     import tritonclient.grpc as triton
-except ImportError:  # the http venv has no grpcio
+except (ImportError, RuntimeError):  # the http venv has no grpcio
     import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
