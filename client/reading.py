@@ -84,11 +84,23 @@ class Reading:
     pieces: tuple[ReadDigit, ...]
 
     @property
+    def holds_a_number(self) -> bool:
+        """Whether most pieces look like digits. A texture or a scribble cut into pieces,
+        where a few happen to pass the detector, is no number: a string of the few weak
+        digits (gravel read as "3181111") would be invented, not read."""
+        accepted = sum(p.prediction.looks_like_a_digit for p in self.pieces)
+        return accepted * 2 > len(self.pieces)
+
+    @property
     def digits(self) -> tuple[ReadDigit, ...]:
+        if not self.holds_a_number:
+            return ()
         return tuple(p for p in self.pieces if p.prediction.looks_like_a_digit)
 
     @property
     def dropped(self) -> tuple[ReadDigit, ...]:
+        if not self.holds_a_number:
+            return self.pieces
         return tuple(p for p in self.pieces if not p.prediction.looks_like_a_digit)
 
     @property

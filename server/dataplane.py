@@ -184,10 +184,11 @@ class DataPlane:
         self._unavailable.pop(served.key, None)
         served.tracing = self.tracing
         served.batcher.start()
+        if replaced is not None:
+            # First: the same file under the same labels would zero the series set below.
+            self._close_later(replaced)
         self._model_info(served, 1)
         self._update_latest(served.name)
-        if replaced is not None:
-            self._close_later(replaced)
 
     def swap(self, served: ServedVersion, model: Model, version: str) -> None:
         """Replace `served`'s model in place (its file changed), under `version` from now on:

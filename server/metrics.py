@@ -1,9 +1,14 @@
 """Prometheus metrics. With `--workers N` each worker writes to PROMETHEUS_MULTIPROC_DIR and
-the supervisor serves the sum; the `multiprocess_mode` arguments matter only then."""
+the supervisor serves the sum; the `multiprocess_mode` arguments matter only then.
+
+Series are bounded: per-model labels name only versions that were served (refusals carry the
+model's name only while it serves, else none), and a retired version's series are removed
+(`forget_version`), so their number follows what is served (at most --max-models versions),
+not what was ever put in the repository. prometheus_client cannot remove series in
+multi-process mode: there a worker keeps a retired version's series until it restarts."""
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -97,11 +102,99 @@ MODEL_INFO = Gauge(
 )
 
 
-@functools.cache
+# Every metric with per-model labels, with its label names: what forget_version() removes.
+_PER_MODEL = (
+    (REQUESTS, ("method", "code", *_MODEL)),
+    (LATENCY, ("method", *_MODEL)),
+    (IMAGES, tuple(_MODEL)),
+    (QUEUE_WAIT, tuple(_MODEL)),
+    (BATCH_SIZE, tuple(_MODEL)),
+    (BATCH_COMPUTE, tuple(_MODEL)),
+    (FAILED_BATCHES, tuple(_MODEL)),
+    (QUEUE_DEPTH, tuple(_MODEL)),
+    (REJECTED, tuple(_MODEL)),
+    (SKIPPED, ("reason", *_MODEL)),
+    (RELOADS, ("result", *_MODEL)),
+    (MODEL_INFO, ("name", "version", "provider", "sha256")),
+)
+_requests: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+# Versions whose series were removed, until served again: a call that was still finishing
+# when its version retired is not counted, rather than bringing the series back for good.
+_retired: set[tuple[str, str]] = set()
+
+
+class _Dropped:
+    """A series that counts nothing (a retired version's late calls)."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_DROPPED = _Dropped()
+
+
 def request_series(method: str, code: str, model: str, version: str) -> tuple[Any, Any]:
     """The (count, latency) series of one method, status code and model version. Cached:
     `labels()` takes a lock and validates its arguments, a measurable cost on every request."""
-    return REQUESTS.labels(method, code, model, version), LATENCY.labels(method, model, version)
+    key = (method, code, model, version)
+    series = _requests.get(key)
+    if series is None:
+        if (model, version) in _retired:
+            return _DROPPED, _DROPPED
+        series = REQUESTS.labels(*key), LATENCY.labels(method, model, version)
+        _requests[key] = series
+    return series
+
+
+def forget_version(model: str, version: str) -> None:
+    """Remove every series of a version no longer served."""
+    if _multiprocess():
+        return
+    _retired.add((model, version))
+    for key in [k for k in _requests if k[2:] == (model, version)]:
+        del _requests[key]
+    _remove({"model": model, "version": version})
+    _remove({"name": model, "version": version})
+
+
+def forget_model(model: str) -> None:
+    """Remove the series labelled with a model that serves no version any more."""
+    if _multiprocess():
+        return
+    for key in [k for k in _requests if k[2] == model]:
+        _retired.add((model, key[3]))
+        del _requests[key]
+    _remove({"model": model})
+    _remove({"name": model})
+
+
+def forget_model_info(name: str, version: str, provider: str, sha256: str) -> None:
+    """Remove the model-info series of a file that was replaced (its version serves on)."""
+    if not _multiprocess():
+        MODEL_INFO.remove(name, version, provider, sha256)
+
+
+def _remove(match: dict[str, str]) -> None:
+    """Remove every series whose labels include `match`. Through collect(), the public way to
+    see a metric's label values (remove_by_labels is newer than our prometheus_client floor)."""
+    for metric, names in _PER_MODEL:
+        if not set(match) <= set(names):
+            continue
+        found = {
+            tuple(sample.labels[name] for name in names)
+            for family in metric.collect()
+            for sample in family.samples
+            if all(sample.labels.get(key) == value for key, value in match.items())
+        }
+        for values in found:
+            metric.remove(*values)
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 @dataclass(frozen=True)
@@ -119,6 +212,7 @@ class VersionSeries:
 
     @classmethod
     def of(cls, model: str, version: str) -> VersionSeries:
+        _retired.discard((model, version))  # served (again)
         return cls(
             IMAGES.labels(model, version),
             QUEUE_WAIT.labels(model, version),

@@ -27,6 +27,21 @@ serving (with `latest`, the newest version that loads is the one served). A conf
 cannot be served refuses its model the same way. A version no longer wanted stops being
 chosen at once and finishes the work it accepted (`unload` answers once it has). A new
 version must keep the labels of the model's served versions.
+
+Bounds (Triton has none; a repository is a directory anyone with write access can fill):
+- At most `max_models` versions are served (each is a session and a batcher in memory). What
+  serves keeps its place, then new versions of served models, then new models by name; the
+  rest is listed UNAVAILABLE with the reason (one WARNING line each time more are left out)
+  and loaded once there is room (a model removed).
+- A model file over `max_model_bytes` is refused by its size on disk, before it is read.
+  Measured (2 cores): onnxruntime holds the GIL while it creates a session from bytes, about
+  1 ms per MB (404 ms for a 424 MB file, twice per load: the main and the one-thread
+  session), so the size limit is also what bounds how long a load can stall other callers.
+- A config.pbtxt over 64 KiB is refused (parsed on the event loop: ~0.5 ms per KB).
+- A model folder, version folder, model.onnx or config.pbtxt that resolves outside the
+  repository (a symbolic link out of it) is refused with the reason; links that stay inside
+  are followed. Checked before reading; a link swapped in between is not (a TOCTOU window
+  that only someone who can write the repository has).
 """
 
 from __future__ import annotations
@@ -59,8 +74,24 @@ log = logging.getLogger(__name__)
 ALL_MODELS = "*"  # --load-model '*': every model in the repository (Triton's spelling)
 _MAX_PASSES = 32
 _NO_FILE = (0, 0, 0)
+MAX_CONFIG_BYTES = 64 << 10  # Triton's configs are a few KB; parsing 1 MB took 496 ms
+_LISTED = 5  # versions named in the --max-models warning
 
 Signature = tuple[int, ...]  # the model file's (inode, size, mtime), then its config's
+
+
+@dataclass(frozen=True)
+class RepositoryLimits:
+    max_models: int = 64  # model versions served at once
+    max_model_bytes: int = 128 << 20  # per model file: ~130 ms of GIL held to load it
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, problem) for each limit that cannot work."""
+        return [
+            (field, f"must be at least 1, got {getattr(self, field)}")
+            for field in ("max_models", "max_model_bytes")
+            if getattr(self, field) < 1
+        ]
 
 
 @dataclass(frozen=True)
@@ -88,10 +119,11 @@ class ModelRepository:
         control_mode: str = "poll",
         load_models: Sequence[str] = (),
         honour_instance_kind: bool = True,
+        limits: RepositoryLimits = RepositoryLimits(),
     ) -> None:
         """`control_mode`: none | poll | explicit; `load_models`: explicit mode's models at
         start. `honour_instance_kind` False: every model on `options.provider`, whatever its
-        config says (the start-up probe, which must not open CUDA)."""
+        config says (the start-up probe, which must not open CUDA). `limits`: module doc."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}")
         self._plane = plane
@@ -103,12 +135,16 @@ class ModelRepository:
         self._mode = control_mode
         self._load_models = tuple(load_models)
         self._honour_kind = honour_instance_kind
+        self._limits = limits
+        self._real_root = Path(os.path.realpath(source))
         # explicit mode: the models to serve (filled at start); other modes: all there are.
         self._chosen: set[str] | None = set() if control_mode == "explicit" else None
         self._loaded: dict[Path, tuple[Signature, ServedVersion]] = {}
         self._refused: dict[Path, Signature] = {}  # not retried until the file changes
-        # Per model: its config.pbtxt's signature, and its settings or why it is refused.
-        self._configs: dict[str, tuple[Signature | None, ModelSettings | str]] = {}
+        # Per model: its config.pbtxt's signature, why its folder is refused ("" when it is
+        # not), and its settings or why it is refused.
+        self._configs: dict[str, tuple[Signature | None, str, ModelSettings | str]] = {}
+        self._over_cap: set[tuple[str, str]] = set()  # (model, version) left out: max_models
         self._lock = asyncio.Lock()  # one scan, load or unload at a time
         self._task: asyncio.Task[None] | None = None
         plane.control = self
@@ -123,6 +159,8 @@ class ModelRepository:
         if not self._is_directory:
             signature = _signature(self._source) or _NO_FILE
             if model is None:
+                if reason := self._unreadable(self._source):
+                    raise ModelError(reason)
                 model = await asyncio.to_thread(load_model, self._source, self._options)
             self._add(_Found("", "", self._source, signature), model)
             return
@@ -186,7 +224,7 @@ class ModelRepository:
             for path in [p for p in self._refused if p.parent.parent.name == name]:
                 del self._refused[path]  # asked for explicitly: read again, whatever failed
             await self._poll({name})
-            settings = self._configs.get(name, (None, ""))[1]
+            settings = self._configs.get(name, (None, "", ""))[2]
         if isinstance(settings, str):
             raise ControlRefused(f"failed to load {name!r}: {settings}")
         if not any(s.name == name for s in self._plane.served()):
@@ -208,6 +246,9 @@ class ModelRepository:
             for path in [p for p in self._refused if p.parent.parent.name == name]:
                 del self._refused[path]
                 self._plane.forget_unavailable(name, path.parent.name)
+            for key in [k for k in self._over_cap if k[0] == name]:
+                self._over_cap.discard(key)
+                self._plane.forget_unavailable(*key)
             self._plane.forget_unavailable(name, "")
         await asyncio.gather(*[task for task in closing if task is not None])
 
@@ -287,18 +328,63 @@ class ModelRepository:
             loadable = {n: f for n, f in versions.items() if not self._was_refused(f)}
             policy = settings.version_policy
             wanted += [loadable[number] for number in sorted(policy.select(loadable))]
-        return wanted
+        return self._capped(wanted, names)
+
+    def _capped(self, wanted: list[_Found], names: Collection[str] | None) -> list[_Found]:
+        """`wanted` (for the models `names`, or all) within max_models versions: what serves
+        keeps its place, then new versions of served models, then new models in name order;
+        the rest is listed UNAVAILABLE with the reason, and logged once."""
+        if not self._is_directory:
+            return wanted
+        limit = self._limits.max_models
+        room = max(0, limit - sum(1 for path in self._loaded if not _within(path, names)))
+        serving = {served.name for _, served in self._loaded.values()}
+        ranked = sorted(wanted, key=lambda f: (f.path not in self._loaded, f.name not in serving))
+        kept = {found.path for found in ranked[:room]}
+        over = {(found.name, found.version) for found in ranked[room:]}
+        before = {key for key in self._over_cap if names is None or key[0] in names}
+        for key in before - over:  # loaded now, removed, or no longer wanted by its policy
+            self._over_cap.discard(key)
+            self._plane.forget_unavailable(*key)
+        reason = (
+            f"not loaded: this server serves at most --max-models {limit} model versions "
+            "(raise it, or remove models from the repository)"
+        )
+        for key in over:
+            self._plane.mark_unavailable(*key, reason)
+        if added := sorted(over - before):
+            self._over_cap.update(added)
+            metrics.RELOADS.labels("refused", "", "").inc(len(added))  # no series per name
+            listed = ", ".join(f"{name}/{version}" for name, version in added[:_LISTED])
+            more = f" and {len(added) - _LISTED} more" if len(added) > _LISTED else ""
+            log.warning(
+                "%d model versions not loaded, over --max-models %d: %s%s",
+                len(added),
+                limit,
+                listed,
+                more,
+            )
+        return [found for found in wanted if found.path in kept]
 
     def _settings(self, name: str) -> tuple[Signature | None, ModelSettings | str]:
         """Model `name`'s settings (its config.pbtxt over the flags), or why it is refused;
-        read again only when the file changed, so its warning is logged once."""
+        read again only when the file or the folder's place changed, so its warning is logged
+        once."""
         path = self._source / name / CONFIG_FILE
         signature = _signature(path)
+        outside = self._outside(path if signature is not None else path.parent)
         cached = self._configs.get(name)
-        if cached is not None and cached[0] == signature:
-            return cached
+        if cached is not None and cached[:2] == (signature, outside):
+            return signature, cached[2]
         settings: ModelSettings | str = self._defaults
-        if signature is not None:
+        if outside:
+            settings = outside
+        elif signature is not None and signature[1] > MAX_CONFIG_BYTES:
+            settings = (
+                f"{path}: {signature[1]:,} bytes, over the {MAX_CONFIG_BYTES:,} a model "
+                "configuration may have"
+            )
+        elif signature is not None:
             try:
                 settings = settings_from_pbtxt(
                     path,
@@ -309,12 +395,40 @@ class ModelRepository:
                 settings = str(exc)
         if isinstance(settings, str):
             self._plane.mark_unavailable(name, "", settings)
-            metrics.RELOADS.labels("refused", name, "").inc()
+            self._count("refused", name)
             log.error("model refused (%s): %s", self._serving(), settings)
         else:
             self._plane.forget_unavailable(name, "")
-        self._configs[name] = (signature, settings)
+        self._configs[name] = (signature, outside, settings)
         return signature, settings
+
+    def _outside(self, path: Path) -> str:
+        """Why `path` (in the repository) is refused: the first of its parts that resolves
+        outside the repository (a symbolic link out of it); "" when every part stays in."""
+        part = self._source
+        for name in path.relative_to(self._source).parts:
+            part = part / name
+            if not os.path.islink(part):  # one lstat: a plain entry stays where its parent is
+                continue
+            real = Path(os.path.realpath(part))
+            if not real.is_relative_to(self._real_root):
+                return (
+                    f"{part} resolves to {real}, outside the repository {self._source} "
+                    "(symbolic links are followed only within it)"
+                )
+        return ""
+
+    def _unreadable(self, path: Path) -> str:
+        """Why the model file at `path` is refused before it is read; "" when it may be."""
+        if self._is_directory and (outside := self._outside(path)):
+            return outside
+        size = (_signature(path) or _NO_FILE)[1]
+        if size > self._limits.max_model_bytes:
+            return (
+                f"{path}: {size:,} bytes, over --max-model-bytes {self._limits.max_model_bytes:,}"
+                " (raise it to serve this model)"
+            )
+        return ""
 
     def _was_refused(self, found: _Found) -> bool:
         return self._refused.get(found.path) == found.signature
@@ -326,6 +440,9 @@ class ModelRepository:
         options = self._options
         if self._honour_kind:
             options = replace(options, provider=settings.provider(options.provider))
+        if reason := self._unreadable(found.path):
+            self._refuse(found, reason)
+            return
         try:
             model = await asyncio.to_thread(load_model, found.path, options)
             check_model(settings, model, found.path.parent.parent / CONFIG_FILE)
@@ -353,7 +470,12 @@ class ModelRepository:
         if previous is not None and previous[1].settings == settings:
             # The same file replaced: swapped in place, between two model runs.
             served = previous[1]
+            old = served.model
             self._plane.swap(served, model, version)
+            if replaced_version != version:
+                self._forget(name, replaced_version)
+            elif (old.provider, old.file_sha256) != (model.provider, model.file_sha256):
+                metrics.forget_model_info(name, version, old.provider, old.file_sha256)
         else:  # new, or new settings: a new batcher; a replaced one finishes what it has
             served = ServedVersion(name, version, model, settings)
             self._plane.serve(served)
@@ -383,7 +505,7 @@ class ModelRepository:
         self._refused[found.path] = found.signature
         if self._is_directory:
             self._plane.mark_unavailable(name, version, reason)
-        metrics.RELOADS.labels("refused", name, version).inc()
+        self._count("refused", name)
         log.error("model refused (%s): %s", self._serving(), reason)
 
     def _unload(self, path: Path, reason: str = "") -> asyncio.Task[None] | None:
@@ -393,9 +515,30 @@ class ModelRepository:
         closing = self._plane.retire(served)
         if reason:
             self._plane.mark_unavailable(served.name, served.version, reason)
-        metrics.RELOADS.labels("unloaded", served.name, served.version).inc()
+        self._count("unloaded", served.name)
         log.info("unloaded", extra={"fields": {"model": served.name, "version": served.version}})
+        name, version = served.key
+        if closing is None:
+            self._forget(name, version)
+        else:  # once its last calls are answered (and counted)
+            closing.add_done_callback(lambda _: self._forget(name, version))
         return closing
+
+    def _count(self, result: str, name: str) -> None:
+        """A refusal or unload, under its model's name only while that model serves: names
+        that never served must not make metric series (a repository can hold any number)."""
+        serves = any(served.name == name for _, served in self._loaded.values())
+        metrics.RELOADS.labels(result, name if serves else "", "").inc()
+
+    def _forget(self, name: str, version: str) -> None:
+        """Remove the metric series of a version that no longer serves (and of its model, if
+        none of its versions does), unless it serves again already."""
+        served = self._plane.served()
+        if any(s.key == (name, version) for s in served):
+            return
+        metrics.forget_version(name, version)
+        if not any(s.name == name for s in served):
+            metrics.forget_model(name)
 
     def _serving(self) -> str:
         served = ", ".join(f"{s.name} {s.version}" for s in self._plane.served())

@@ -496,3 +496,26 @@ def test_model_control_settings_are_checked_at_start(tmp_path, settings, problem
     assert "--model-control-mode explicit needs --model-repository" in (
         without_repository.validate()
     )
+
+
+async def test_a_config_change_keeps_the_version_listed_as_served_in_the_metrics(tmp_path):
+    from prometheus_client import REGISTRY
+    from test_repository import repository
+
+    def info() -> list[tuple[str, float]]:
+        return [
+            (s.labels["version"], s.value)
+            for family in REGISTRY.collect() if family.name == "digits_model_info"
+            for s in family.samples if s.labels["name"] == "cfgmetric"
+        ]  # fmt: skip
+
+    publish(tmp_path, "cfgmetric", 1)
+    plane = DataPlane(RequestLimits(8, 1 << 20), BatcherLimits())
+    repo = repository(plane, tmp_path, "latest")
+    await repo.load()
+    assert info() == [("1", 1.0)]
+    (tmp_path / "cfgmetric" / "config.pbtxt").write_text("max_batch_size: 8\n")
+    await repo.poll()  # the same file, new batchers: the replaced one closes
+    assert [s.key for s in plane.served()] == [("cfgmetric", "1")]
+    assert info() == [("1", 1.0)]
+    await plane.close()

@@ -226,3 +226,69 @@ def test_pictures_for_the_detector_go_through_the_clients_recipe(mnist):
     for picture_set in sets:
         assert picture_set.pixels.shape[1] == 784
         assert picture_set.pixels.min() >= 0 and picture_set.pixels.max() <= 1
+
+
+def test_the_detectors_picture_count_scales_with_the_training_images():
+    assert drawn.default_count(60_000) == 1000  # the default run
+    assert drawn.default_count(2_000) == 100  # --train-limit 2000: a quick run stays quick
+    assert drawn.default_count(30_000) == 500
+
+
+def test_drawn_pictures_are_cached_by_everything_they_depend_on(mnist, tmp_path):
+    fonts, _ = drawn.split_fonts(drawn.package_fonts())
+    digits = mnist.x_train[:300]
+    first = drawn.detector_sets(digits, fonts, 0, 8, workers=1, cache_dir=tmp_path)
+    (stored,) = tmp_path.glob("pictures-*.npz")
+    again = drawn.Drawing(digits, fonts, 0, 8, workers=1, cache_dir=tmp_path)
+    assert again.cached is not None and again.pool is None  # nothing drawn the second time
+    for a, b in zip(first, again.collect(), strict=True):
+        assert (a.name, a.is_digit, a.unreadable) == (b.name, b.is_digit, b.unreadable)
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+    subset = drawn._subset(digits, 0)
+    key = drawn.cache_key(subset, fonts, 0, 8)
+    assert stored.name == f"pictures-{key}.npz"
+    # Another seed, count, font set or digit set is another file, never the stored one.
+    assert key != drawn.cache_key(subset, fonts, 1, 8)
+    assert key != drawn.cache_key(subset, fonts, 0, 9)
+    assert key != drawn.cache_key(subset, fonts[:-1], 0, 8)
+    assert key != drawn.cache_key(drawn._subset(mnist.x_train[:301], 0), fonts, 0, 8)
+    stored.write_bytes(b"damaged")  # a damaged file is drawn afresh, not trusted
+    fresh = drawn.Drawing(digits, fonts, 0, 8, workers=1, cache_dir=tmp_path)
+    fresh.close()
+    assert fresh.cached is None
+
+
+def _read_as(*verdicts: bool | None):
+    from digit_recognizer.client.client import Prediction, Telemetry
+    from digit_recognizer.client.reading import ReadDigit, Reading
+
+    def piece(i: int, verdict: bool | None) -> ReadDigit:
+        score = None if verdict is None else 0.5
+        prediction = Prediction(
+            i % 10, str(i % 10), 0.9, (0.1,) * 10, (), "1", Telemetry(1, 1, 0, 0), verdict, score
+        )
+        return ReadDigit((i * 10, 0, i * 10 + 8, 10), prediction)
+
+    return Reading(tuple(piece(i, v) for i, v in enumerate(verdicts)))
+
+
+def test_a_reading_is_no_number_when_most_pieces_are_not_digits():
+    """Gravel cut into pieces, a few of which pass the detector, is no number."""
+    gravel = _read_as(False, True, False, False, True, False, False)
+    assert gravel.text == "" and not gravel.digits and len(gravel.dropped) == 7
+    assert gravel.to_dict()["text"] == "" and len(gravel.to_dict()["dropped"]) == 7
+    # A letter among digits is left out; the digits around it, leading zero too, stay.
+    assert _read_as(True, True, False, True).text == "013"
+    assert _read_as(None, None).text == "01"  # a model without a detector reads as before
+
+
+def test_typed_digits_for_the_classifier_come_with_their_labels(mnist):
+    fonts, _ = drawn.split_fonts(drawn.package_fonts())
+    drawing = drawn.Drawing(mnist.x_train[:100], fonts, 0, 0, workers=1, typed=30)
+    try:
+        pixels, labels = drawing.typed_digits()
+    finally:
+        drawing.close()
+    assert pixels.shape == (30, 784) and labels.shape == (30,)
+    assert set(labels) <= set(range(10)) and len(set(labels)) > 3
+    assert not drawing.jobs  # no detector pictures were asked for

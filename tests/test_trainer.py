@@ -1,6 +1,7 @@
 """The trainer end to end: flags, errors, a small real training run, export and parity."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +25,26 @@ def test_notebook_model_shape():
     assert [layer.units for layer in model.layers if hasattr(layer, "units")] == [512, 10]
     assert model.input_shape == (None, 784) and model.output_shape == (None, 10)
     assert build_model(BEST).count_params() == 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 10250
+
+
+def test_probabilities_stay_output_0_when_the_model_has_a_detector():
+    """tf2onnx orders a dict's outputs by key (digit_score first); the export puts them back."""
+    from digit_recognizer.protos.contract import SCORE_NAME
+    from digit_recognizer.trainer.config import NOTEBOOK
+    from digit_recognizer.trainer.detector import Detector, build_head
+    from digit_recognizer.trainer.export import to_onnx
+    from digit_recognizer.trainer.model import build_model
+
+    classifier = build_model(replace(NOTEBOOK, hidden=(8,)))
+    detector = Detector(build_head(classifier), 1.0, 0.0, 0.5, {}, [], {})
+    card = ModelCard("m", "1", "0" * 64, 0.9, 0.1, tuple("0123456789"), "{}", "now",
+                     detector=detector.card())  # fmt: skip
+    session = ort.InferenceSession(
+        to_onnx(classifier, card, detector).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in session.get_outputs()] == ["probabilities", SCORE_NAME]
+    first = session.run(None, {"pixels": np.zeros((3, 784), np.float32)})[0]
+    assert first.shape == (3, 10)
 
 
 def test_bad_flag_is_a_usage_error():
@@ -96,8 +117,9 @@ def test_small_training_exports_a_verified_self_describing_model(trained_model, 
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     (inp,), outputs = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.shape, inp.type) == ("pixels", ["batch", 784], "tensor(float)")
-    assert sorted((out.name, out.shape) for out in outputs) == [
-        ("digit_score", ["batch"]), ("probabilities", ["batch", 10]),
+    # Probabilities first: `session.run(None, feed)[0]` is what callers have always done.
+    assert [(out.name, out.shape) for out in outputs] == [
+        ("probabilities", ["batch", 10]), ("digit_score", ["batch"]),
     ]  # fmt: skip
     card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
     assert card.version == "7" and card.labels == tuple("0123456789")
@@ -168,3 +190,16 @@ def test_tensorflow_start_up_noise_is_silenced_unless_verbose(mnist_dir, tmp_pat
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == "", quiet.stderr  # not one line of oneDNN or absl
     assert quiet.stdout.startswith("data: ") and "parity: onnxruntime == keras" in quiet.stdout
+
+
+def test_typed_digits_can_be_mixed_into_the_classifiers_training(mnist_dir, tmp_path):
+    bad = run("--typed-digits", "-1", "--data-dir", str(mnist_dir))
+    assert bad.exit_code == 2 and "--typed-digits must be at least 0" in bad.output
+    output = tmp_path / "m.onnx"
+    args = ["--data-dir", str(mnist_dir), "--train-limit", "300", "--epochs", "1"]
+    result = run(*args, "--hidden", "8", "--no-detector", "--typed-digits", "40", "-o", str(output))
+    assert result.exit_code == 0, result.output
+    assert "drawing 40 typed digits for the classifier" in result.output
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    assert card.training_config["typed_digits"] == 40 and not card.detector

@@ -66,7 +66,7 @@ def main() -> None:
 
     \b
     Examples:
-      digit-train --data-dir ../shared/mnist                 # train: the notebook, ~20 s
+      digit-train --data-dir ../shared/mnist                 # train: the notebook + detector, ~45 s
       digit-train --preset best --report reports/            # >= 99% with augmentation
       digit-train --hidden 256,256 --optimizer adam --epochs 10
       digit-train inspect models/model.onnx                  # inspect: a model's card
@@ -137,6 +137,11 @@ def _names(
 )
 @click.option("--seed", type=int, help="Seed for weights, shuffling and augmentation.")
 @click.option(
+    "--typed-digits",
+    type=int,
+    help="Also train on this many typed digits drawn in the training fonts (default 0).",
+)
+@click.option(
     "--labels",
     callback=_names,
     help='Class names, comma-separated (default "0,...,9"; e.g. Fashion-MNIST names).',
@@ -158,9 +163,8 @@ def _names(
 @click.option(
     "--detector-pictures",
     type=click.IntRange(min=50),
-    default=2500,
-    show_default=True,
-    help="Made-up pictures of each kind (digits, letters, scribbles, ...) for the detector.",
+    help="Made-up pictures of each kind (digits, letters, scribbles, ...) for the detector "
+    "(default: one per 60 training images, 100 to 1000; cached in ~/.cache/digit-recognizer).",
 )
 @click.option(
     "--report",
@@ -189,7 +193,7 @@ def train(
     if_missing: bool,
     verbose: bool,
     detector: bool,
-    detector_pictures: int,
+    detector_pictures: int | None,
     **knobs: Any,
 ) -> None:
     """Train the MLP (the notebook by default) and export a verified ONNX model."""
@@ -218,20 +222,35 @@ def train(
     click.echo(f"data: {dataset.source} ({len(dataset.x_train)} train, {len(dataset.x_test)} test)")
     click.echo(f"config: {json.dumps(config.to_dict())}")
 
-    # TensorFlow takes seconds to import: only pay for it once the inputs are known good.
-    with _native_stderr_silenced(not verbose):
-        from digit_recognizer.trainer.export import ParityError, export
-        from digit_recognizer.trainer.model import train as fit
-        from digit_recognizer.trainer.model import weights_sha256
+    drawing = None
+    if detector or config.typed_digits:
+        from digit_recognizer.trainer.pictures import default_count, start_drawing
 
-        result = fit(config, dataset, log=click.echo)
-        head = None
-        if detector:
-            from digit_recognizer.trainer.detector import train_detector
+        pictures = (detector_pictures or default_count(len(dataset.x_train))) if detector else 0
+        # Started before TensorFlow is imported: the pictures need only MNIST and the fonts,
+        # so drawing them in worker processes overlaps the import and the classifier's fit.
+        drawing = start_drawing(
+            dataset.x_train, config.seed, pictures, click.echo, config.typed_digits
+        )
+    try:
+        # TensorFlow takes seconds to import: only pay for it once the inputs are known good.
+        with _native_stderr_silenced(not verbose):
+            from digit_recognizer.trainer.export import ParityError, export
+            from digit_recognizer.trainer.model import train as fit
+            from digit_recognizer.trainer.model import weights_sha256
 
-            head = train_detector(
-                result.model, dataset, config.seed, detector_pictures, log=click.echo
-            )
+            typed = drawing.typed_digits() if config.typed_digits and drawing else None
+            result = fit(config, dataset, log=click.echo, extra=typed)
+            head = None
+            if drawing is not None and detector:
+                from digit_recognizer.trainer.detector import train_detector
+
+                head = train_detector(
+                    result.model, dataset, config.seed, drawing.count, click.echo, drawing
+                )
+    finally:
+        if drawing is not None:
+            drawing.close()
     card = ModelCard(
         name=name,
         version=model_version or datetime.now(UTC).strftime("%Y%m%d%H%M%S"),

@@ -12,6 +12,7 @@ output, the threshold and the validation figures in the model card.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +25,13 @@ from scipy.optimize import minimize
 from digit_recognizer.protos.contract import OUTPUT_NAME, PIXELS_PER_IMAGE, SCORE_NAME
 from digit_recognizer.trainer.data import Dataset, to_model_inputs
 from digit_recognizer.trainer.pictures import (
+    Drawing,
     PictureSet,
-    detector_sets,
     font_names,
-    package_fonts,
-    split_fonts,
+    start_drawing,
 )
 
+EPOCHS = 15
 KEEP_DIGITS = 0.995  # of the held-out digit pictures, at the chosen threshold
 HELD_OUT = 0.25
 
@@ -64,14 +65,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def build_head(classifier: keras.Model) -> keras.Model:
-    """pixels -> logit, through the (frozen) classifier's last hidden layer and output."""
-    for layer in classifier.layers:
-        layer.trainable = False
-    pixels = classifier.input
-    hidden_layers = [layer for layer in classifier.layers if layer.name.startswith("hidden_")]
-    hidden = hidden_layers[-1].output
-    probabilities = classifier.output
+PART = "detector_part"  # the trainable head inside the exported one
+
+
+def _trainable_part(pixels_width: int, hidden_width: int, classes: int) -> keras.Model:
+    """(pixels, classifier's last hidden layer, its probabilities) -> logit."""
+    pixels = keras.Input((pixels_width,), name="detector_pixels_in")
+    hidden = keras.Input((hidden_width,), name="detector_hidden_in")
+    probabilities = keras.Input((classes,), name="detector_probabilities_in")
     # A small convolutional branch: letters differ from digits in local shapes (serifs,
     # bowls, crossings) that a dense layer on 784 pixels found poorly (held-out typed
     # letters: 65% rejected with a 128-unit dense branch, 88% with this, same threshold).
@@ -87,7 +88,38 @@ def build_head(classifier: keras.Model) -> keras.Model:
     features = keras.layers.Concatenate(name="detector_features")([own, hidden, probabilities])
     features = keras.layers.Dense(64, activation="relu", name="detector_hidden")(features)
     logit = keras.layers.Dense(1, name="detector_logit")(features)
-    return keras.Model(pixels, logit, name="digit_detector")
+    return keras.Model([pixels, hidden, probabilities], logit, name=PART)
+
+
+def _last_hidden(classifier: keras.Model) -> keras.KerasTensor:
+    return [layer for layer in classifier.layers if layer.name.startswith("hidden_")][-1].output
+
+
+def build_head(classifier: keras.Model) -> keras.Model:
+    """pixels -> logit, through the (frozen) classifier's last hidden layer and output."""
+    for layer in classifier.layers:
+        layer.trainable = False
+    hidden = _last_hidden(classifier)
+    part = _trainable_part(
+        PIXELS_PER_IMAGE, int(hidden.shape[-1]), int(classifier.output.shape[-1])
+    )
+    logit = part([classifier.input, hidden, classifier.output])
+    return keras.Model(classifier.input, logit, name="digit_detector")
+
+
+class _Progress(keras.callbacks.Callback):
+    """A line at least every few seconds while the head is fitted."""
+
+    def __init__(self, epochs: int, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.epochs, self.log, self.last = epochs, log, time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        now = time.perf_counter()
+        if now - self.last >= 4 or epoch + 1 == self.epochs:
+            loss = (logs or {}).get("loss", float("nan"))
+            self.log(f"detector: fitting, epoch {epoch + 1}/{self.epochs} (loss {loss:.4f})")
+            self.last = now
 
 
 def _pixel_space_sets(
@@ -141,29 +173,33 @@ def train_detector(
     seed: int,
     pictures: int,
     log: Callable[[str], None],
+    drawing: Drawing | None = None,
 ) -> Detector:
-    """Make `pictures` pictures of each kind, fit the head, calibrate, pick the threshold."""
+    """Make (or collect the `drawing` of) `pictures` pictures of each kind, fit the head,
+    calibrate, pick the threshold."""
     rng = np.random.default_rng(seed + 17)
-    fonts, _ = split_fonts(package_fonts())
-    log(
-        f"detector: drawing {pictures} pictures of each kind with {len(fonts)} fonts: "
-        + ", ".join(font_names(fonts))
-    )
-    sets = detector_sets(dataset.x_train, fonts, seed, pictures) + _pixel_space_sets(
-        dataset.x_train, rng, 2 * pictures
-    )
+    if drawing is None:
+        drawing = start_drawing(dataset.x_train, seed, pictures, log)
+    sets = drawing.collect(log) + _pixel_space_sets(dataset.x_train, rng, 2 * pictures)
     train, held = _split(sets, rng)
     x, y = _stack(train)
     keras.utils.set_random_seed(seed)
     head = build_head(classifier)
+    part = head.get_layer(PART)
+    # The classifier is frozen: its hidden layer and probabilities are computed once here
+    # rather than in every epoch of the fit (most of the head's arithmetic).
+    features = keras.Model(classifier.input, [_last_hidden(classifier), classifier.output])
+    hidden, probabilities = features.predict(x, batch_size=2048, verbose=0)
     positives = float(y.mean())
-    head.compile(
+    part.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
     )
-    head.fit(
-        x, y, batch_size=256, epochs=15, verbose=0, shuffle=True,
+    log(f"detector: fitting the head on {len(x)} pictures, {EPOCHS} epochs")
+    part.fit(
+        [x, hidden, probabilities], y, batch_size=256, epochs=EPOCHS, verbose=0, shuffle=True,
         class_weight={0: 0.5 / (1 - positives), 1: 0.5 / positives},
+        callbacks=[_Progress(EPOCHS, log)],
     )  # fmt: skip
     held_x, held_y = _stack(held)
     logits = head.predict(held_x, batch_size=2048, verbose=0).reshape(-1)
@@ -189,7 +225,7 @@ def train_detector(
             f"({len(mine)} held-out pictures)"
         )
     log(f"detector: threshold {threshold:.4f} keeps {KEEP_DIGITS:.1%} of held-out digits")
-    return Detector(head, scale, shift, threshold, validation, font_names(fonts), held_out)
+    return Detector(head, scale, shift, threshold, validation, font_names(drawing.fonts), held_out)
 
 
 def exported_function(

@@ -58,6 +58,13 @@ def to_onnx(
     signature = [tf.TensorSpec([None, PIXELS_PER_IMAGE], tf.float32, name=INPUT_NAME)]
     forward = exported_function(model, detector)
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=OPSET)
+    # A dict's outputs come out in key order (digit_score before probabilities); callers doing
+    # `session.run(None, feed)[0]` (the common idiom, and the model before the detector) must
+    # still get the probabilities, so they are output 0 and the detector's outputs follow.
+    ordered = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in proto.graph.output]
+    ordered.sort(key=lambda value: value.name != OUTPUT_NAME)
+    del proto.graph.output[:]
+    proto.graph.output.extend(ordered)
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
     proto.graph.name = card.name

@@ -77,8 +77,15 @@ class _EpochLine(keras.callbacks.Callback):
         self._log(f"epoch {epoch + 1}/{self._epochs}: {metrics} ({seconds:.1f} s)")
 
 
-def train(config: TrainConfig, dataset: Dataset, log: Callable[[str], None]) -> TrainResult:
-    """Fit one epoch at a time so augmented runs see freshly distorted digits every epoch."""
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    log: Callable[[str], None],
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+) -> TrainResult:
+    """Fit one epoch at a time so augmented runs see freshly distorted digits every epoch.
+    `extra`: more training images already in model-input form ((N, 784) float32) with their
+    labels (the typed digits), joined to every epoch's MNIST images (never distorted)."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(config.seed)
@@ -94,10 +101,14 @@ def train(config: TrainConfig, dataset: Dataset, log: Callable[[str], None]) -> 
         )
         x_train, y_train = x_train[:cut], y_train[:cut]
     targets = keras.utils.to_categorical(y_train, config.num_classes)
+    if extra is not None and len(extra[0]):
+        targets = np.concatenate(
+            [targets, keras.utils.to_categorical(extra[1], config.num_classes)]
+        )
     distorter = Distorter(Distortion(), IMAGE_SIDE, rng) if config.augment else None
 
     model = build_model(config)
-    steps_per_epoch = -(-len(x_train) // config.batch_size)
+    steps_per_epoch = -(-len(targets) // config.batch_size)
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=config.loss,
@@ -105,10 +116,15 @@ def train(config: TrainConfig, dataset: Dataset, log: Callable[[str], None]) -> 
     )
     history: dict[str, list[float]] = {}
     started = time.perf_counter()
-    inputs = to_model_inputs(x_train)
+
+    def joined(images: np.ndarray) -> np.ndarray:
+        mnist = to_model_inputs(images)
+        return np.concatenate([mnist, extra[0]]) if extra is not None and len(extra[0]) else mnist
+
+    inputs = joined(x_train)
     for epoch in range(config.epochs):
         if distorter is not None:
-            inputs = to_model_inputs(distorter(x_train))
+            inputs = joined(distorter(x_train))
         fitted = model.fit(
             inputs,
             targets,

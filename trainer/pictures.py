@@ -15,8 +15,15 @@ Typed letters that look like digits in most fonts are never used as non-digits (
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import importlib.metadata
+import multiprocessing
+import os
 import string
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,10 +279,41 @@ def as_inputs(name: str, is_digit: bool, pictures: Iterator[Image.Image]) -> Pic
     return PictureSet(name, is_digit, pixels, unreadable)
 
 
+_WORKER_STATE: dict[str, object] = {}  # each drawing process's digits and fonts, sent once
+
+
+def _worker_init(digits: np.ndarray, fonts: list[Font]) -> None:
+    _WORKER_STATE.update(digits=digits, fonts=fonts)
+
+
+def _draw_chunk(kind: str, count: int, seed: int) -> PictureSet:
+    """`count` pictures of one kind, in a worker process set up by _worker_init."""
+    digits = _WORKER_STATE["digits"]
+    fonts = _WORKER_STATE["fonts"]
+    assert isinstance(digits, np.ndarray) and isinstance(fonts, list)
+    return _draw_set(kind, count, digits, fonts, seed)
+
+
+def _typed_digits_chunk(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` typed digits in the worker's fonts, with their labels, for the classifier."""
+    fonts = _WORKER_STATE["fonts"]
+    assert isinstance(fonts, list)
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    while len(rows) < count:
+        label = int(rng.integers(10))
+        try:
+            rows.append(to_mnist(typed(str(label), fonts[rng.integers(len(fonts))], rng)))
+        except ImageError:
+            continue
+        labels.append(label)
+    return np.stack(rows).astype(np.float32), np.array(labels, np.uint8)
+
+
 def _draw_set(
     kind: str, count: int, digits: np.ndarray, fonts: list[Font], seed: int
 ) -> PictureSet:
-    """One kind of picture, `count` of them; runs in a worker process."""
+    """One kind of picture, `count` of them."""
     rng = np.random.default_rng(seed)
 
     def digit_image() -> np.ndarray:
@@ -296,6 +334,8 @@ def _draw_set(
     }
     if kind == "digits read from numbers":
         return _read_pieces(kind, count, digits, rng)
+    if kind == "pieces read from textures and scribbles":
+        return _pieces_of_non_numbers(kind, count, rng)
     is_digit, make = draw[kind]
     return as_inputs(kind, is_digit, (make(rng) for _ in range(count)))
 
@@ -321,6 +361,24 @@ def _read_pieces(kind: str, count: int, digits: np.ndarray, rng: Rng) -> Picture
     return PictureSet(kind, True, np.stack(rows[:count]).astype(np.float32), 0)
 
 
+def _pieces_of_non_numbers(kind: str, count: int, rng: Rng) -> PictureSet:
+    """What the number reader cuts out of a texture or a scribble (a blob of gravel, a bit of
+    a stripe, a loop): not digits. Without them the head had only seen whole textures, and a
+    reader asking about each piece read gravel as "3181111"."""
+    from digit_recognizer.client.reading import find_digits
+
+    rows: list[np.ndarray] = []
+    while len(rows) < count:
+        picture = texture(rng) if rng.random() < 0.6 else scribble(rng)
+        try:
+            pieces = find_digits(picture)
+        except ImageError:  # too many pieces: the reader refuses it before any piece is read
+            continue
+        for i in rng.permutation(len(pieces))[:3]:
+            rows.append(pieces[i].pixels)
+    return PictureSet(kind, False, np.stack(rows[:count]).astype(np.float32), 0)
+
+
 KINDS = (  # (kind, share of `count`)
     ("photos of digits", 1.0),
     ("low-resolution digits", 1.0),
@@ -331,25 +389,212 @@ KINDS = (  # (kind, share of `count`)
     ("textures and ruled paper", 0.5),
     ("pieces of digits", 0.5),
     ("pairs of digits", 0.5),
+    ("pieces read from textures and scribbles", 0.5),
 )
 
 
+CHUNK = 100  # pictures per job: ~0.5 s each, so progress shows and both cores stay busy
+CACHE_FORMAT = 1  # bump when the cache file's layout changes
+
+
+def default_count(train_images: int) -> int:
+    """Pictures of each kind when --detector-pictures is not given: they scale with the
+    training images asked for (60,000 -> 1,000; a 2,000-image run draws 100), so a quick
+    run stays quick."""
+    return int(np.clip(train_images // 60, 100, 1000))
+
+
+def _subset(digits: np.ndarray, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).choice(len(digits), min(len(digits), 6000), replace=False)
+    return digits[order]
+
+
+def cache_key(subset: np.ndarray, fonts: list[Font], seed: int, count: int, typed: int = 0) -> str:
+    """Everything the drawn pictures depend on: the drawing and reading code (this module,
+    the client's recipe and reader), the libraries that draw, the digits, the font files'
+    bytes, the seed and the count. Any change gives a new key, so a cache never serves a
+    stale set."""
+    from digit_recognizer.client import images, reading
+
+    digest = hashlib.sha256(f"pictures cache {CACHE_FORMAT}".encode())
+    for module in (__name__, images.__name__, reading.__name__):
+        source = sys.modules[module].__file__
+        digest.update(Path(str(source)).read_bytes())
+    for package in ("numpy", "pillow", "scipy"):
+        digest.update(f"{package} {importlib.metadata.version(package)}".encode())
+    digest.update(np.ascontiguousarray(subset).tobytes())
+    for font in fonts:
+        digest.update(font.read_bytes() if font is not None else b"pillow-default")
+    digest.update(f"{KINDS} {CHUNK} {seed} {count} {typed}".encode())
+    return digest.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "digit-recognizer"
+
+
+Cached = tuple[list[PictureSet], tuple[np.ndarray, np.ndarray]]
+
+
+def _load_cached(path: Path) -> Cached | None:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names = [str(n) for n in stored["names"]]
+            typed = (stored["typed_pixels"], stored["typed_labels"])
+            return [
+                PictureSet(name, bool(stored["is_digit"][i]), stored[f"pixels_{i}"],
+                           int(stored["unreadable"][i]))
+                for i, name in enumerate(names)
+            ], typed  # fmt: skip
+    except (OSError, KeyError, ValueError):
+        return None  # missing or damaged: draw afresh
+
+
+def _store(path: Path, sets: list[PictureSet], typed: tuple[np.ndarray, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez(
+                out,
+                names=np.array([s.name for s in sets]),
+                is_digit=np.array([s.is_digit for s in sets]),
+                unreadable=np.array([s.unreadable for s in sets]),
+                typed_pixels=typed[0],
+                typed_labels=typed[1],
+                **{f"pixels_{i}": s.pixels for i, s in enumerate(sets)},
+            )
+        os.replace(temp, path)  # readers see a whole file or none
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class Drawing:
+    """The detector's pictures being drawn in worker processes: started early (they need
+    only MNIST and the fonts, not the classifier), so the drawing overlaps the classifier's
+    training; `collect` waits for them, logging progress at least every few seconds."""
+
+    def __init__(
+        self,
+        digits: np.ndarray,
+        fonts: list[Font],
+        seed: int,
+        count: int,
+        workers: int | None = None,
+        cache_dir: Path | None = None,
+        typed: int = 0,
+    ) -> None:
+        self.count, self.fonts, self.typed = count, fonts, typed
+        subset = _subset(digits, seed)
+        self.cache = (
+            cache_dir / f"pictures-{cache_key(subset, fonts, seed, count, typed)}.npz"
+            if cache_dir is not None
+            else None
+        )
+        self.cached = _load_cached(self.cache) if self.cache is not None else None
+        self.jobs: list[tuple[int, concurrent.futures.Future[PictureSet]]] = []
+        self.typed_jobs: list[concurrent.futures.Future[tuple[np.ndarray, np.ndarray]]] = []
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._typed: tuple[np.ndarray, np.ndarray] | None = None
+        if self.cached is not None:
+            self._typed = self.cached[1]
+            return
+        context = multiprocessing.get_context("spawn")  # TensorFlow's threads do not survive fork
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_worker_init, initargs=(subset, fonts)
+        )
+        # The classifier's typed digits first: the classifier waits for them.
+        for chunk, first in enumerate(range(0, typed, CHUNK)):
+            chunk_seed = int(np.random.SeedSequence([seed, 1000, chunk]).generate_state(1)[0])
+            size = min(CHUNK, typed - first)
+            self.typed_jobs.append(self.pool.submit(_typed_digits_chunk, size, chunk_seed))
+        for i, (kind, share) in enumerate(KINDS if count else ()):
+            wanted = max(1, int(count * share))
+            for chunk, first in enumerate(range(0, wanted, CHUNK)):
+                chunk_seed = int(np.random.SeedSequence([seed, i, chunk]).generate_state(1)[0])
+                size = min(CHUNK, wanted - first)
+                self.jobs.append((i, self.pool.submit(_draw_chunk, kind, size, chunk_seed)))
+
+    def typed_digits(self) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier's typed digits: (N, 784) float32 pixels and their uint8 labels."""
+        if self._typed is None:
+            parts = [future.result() for future in self.typed_jobs]
+            self._typed = (
+                np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 784), np.float32),
+                np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint8),
+            )
+        return self._typed
+
+    def collect(self, log: Callable[[str], None] = lambda _line: None) -> list[PictureSet]:
+        if self.cached is not None:
+            log(f"detector: pictures from the cache, {self.cache}")
+            return self.cached[0]
+        typed = self.typed_digits()
+        started, futures = time.perf_counter(), [future for _, future in self.jobs]
+        total = len(futures)
+        try:
+            while True:
+                done, waiting = concurrent.futures.wait(futures, timeout=5)
+                log(
+                    f"detector: drawn {len(done)}/{total} batches of pictures "
+                    f"({time.perf_counter() - started:.0f} s)"
+                )
+                if not waiting:
+                    break
+            parts: dict[int, list[PictureSet]] = {}
+            for i, future in self.jobs:
+                parts.setdefault(i, []).append(future.result())
+        finally:
+            self.close()
+        sets = [
+            PictureSet(
+                chunks[0].name,
+                chunks[0].is_digit,
+                np.concatenate([c.pixels for c in chunks]),
+                sum(c.unreadable for c in chunks),
+            )
+            for _, chunks in sorted(parts.items())
+        ]
+        if self.cache is not None:
+            try:
+                _store(self.cache, sets, typed)
+            except OSError as exc:  # a read-only home is no reason to fail the training
+                log(f"detector: pictures not cached ({exc})")
+        return sets
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def start_drawing(
+    digits: np.ndarray, seed: int, count: int, log: Callable[[str], None], typed: int = 0
+) -> Drawing:
+    """Start drawing, with the training fonts, `typed` labelled typed digits for the
+    classifier and `count` pictures of each kind for the detector (or find them in the
+    cache); they need only MNIST and the fonts, so this runs while TensorFlow imports and
+    the classifier trains."""
+    fonts, _ = split_fonts(package_fonts())
+    log(
+        f"pictures: drawing {typed} typed digits for the classifier and {count} pictures of "
+        f"each kind for the detector with {len(fonts)} fonts: " + ", ".join(font_names(fonts))
+    )
+    return Drawing(digits, fonts, seed, count, cache_dir=default_cache_dir(), typed=typed)
+
+
 def detector_sets(
-    digits: np.ndarray, fonts: list[Font], seed: int, count: int, workers: int | None = None
+    digits: np.ndarray,
+    fonts: list[Font],
+    seed: int,
+    count: int,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
 ) -> list[PictureSet]:
     """Every kind in KINDS (digits: photos of MNIST digits, low-resolution digits, digits cut
     out of numbers, typed digits; non-digits: typed letters and symbols, scribbles, textures,
     pieces and pairs of digits), `count` times its share, drawn from `digits` (uint8
-    (N, 28, 28)) and `fonts`. The kinds are drawn in parallel processes, each with its own
-    seed."""
-    import concurrent.futures
-    import multiprocessing
-
-    subset = digits[
-        np.random.default_rng(seed).choice(len(digits), min(len(digits), 6000), replace=False)
-    ]
-    jobs = [(kind, max(1, int(count * share)), subset, fonts, seed * 100 + i)
-            for i, (kind, share) in enumerate(KINDS)]  # fmt: skip
-    context = multiprocessing.get_context("spawn")  # TensorFlow's threads do not survive fork
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(_draw_set, *zip(*jobs, strict=True)))
+    (N, 28, 28)) and `fonts` in parallel processes, in chunks with seeds of their own."""
+    return Drawing(digits, fonts, seed, count, workers, cache_dir).collect()
