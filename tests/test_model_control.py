@@ -500,6 +500,7 @@ def test_model_control_settings_are_checked_at_start(tmp_path, settings, problem
 
 async def test_a_config_change_keeps_the_version_listed_as_served_in_the_metrics(tmp_path):
     from prometheus_client import REGISTRY
+
     from test_repository import repository
 
     def info() -> list[tuple[str, float]]:
