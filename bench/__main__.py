@@ -36,6 +36,9 @@ from digit_recognizer.trainer.data import (
 CONCURRENCIES = (1, 16, 64, 256)
 BULK = Workload("bulk", "classify", 256, 4)
 BULK_U8 = Workload("bulk u8", "classify", 256, 4, "u8")
+# One program with the project's client library: one process, one AsyncDigitClient and its
+# pool (a connection to each worker), 64 callers; beside the many-process single-image load.
+ONE_CLIENT = Workload("one client", "client", 1, 64, connections=0, processes=1)
 # This server's Open Inference Protocol front, for the same loads the peers get over it; and
 # its REST routes for 256 images a request: JSON tensors, and Triton's binary tensor data.
 V2 = (
@@ -70,8 +73,8 @@ def plan(quick: bool) -> list[tuple[str, list[Workload]]]:
     sweep = [single(c) for c in ((1, 64) if quick else CONCURRENCIES)]
     return [
         ("floor", [*sweep, single(64, "stream"), BULK]),
-        ("default", [*sweep, BULK, BULK_U8, single(64, "stream"), *V2]),
-        ("one-process", [single(1), single(64), BULK]),
+        ("default", [*sweep, ONE_CLIENT, BULK, BULK_U8, single(64, "stream"), *V2]),
+        ("one-process", [single(1), single(64), ONE_CLIENT, BULK]),
         ("batching-off", [single(64), BULK]),
         *[(f"workers-{n}", [single(64), BULK]) for n in SCALING],
         ("kserve", as_v2([*sweep, BULK])),
@@ -158,7 +161,13 @@ def median_run(runs: list[Measurement]) -> dict:
     round's figure kept beside it."""
     ordered = sorted(runs, key=lambda run: run.requests_per_s)
     chosen = ordered[(len(ordered) - 1) // 2]
-    return {**chosen.as_dict(), "rounds_requests_per_s": [run.requests_per_s for run in runs]}
+    return {
+        **chosen.as_dict(),
+        "rounds_requests_per_s": [run.requests_per_s for run in runs],
+        "rounds_p50_ms": [run.p50_ms for run in runs],
+        "rounds_p99_ms": [run.p99_ms for run in runs],
+        "rounds_per_worker": [run.per_worker for run in runs],
+    }
 
 
 def group(workload: Workload) -> tuple[str, int, int, str]:
@@ -221,9 +230,19 @@ def group(workload: Workload) -> tuple[str, int, int, str]:
     help="include KServe, MLServer and Triton (installed into cached venvs)",
 )
 @click.option("--quick", is_flag=True, help="1 and 64 callers only (for smoke tests)")
+@click.option(
+    "--load",
+    "loads",
+    multiple=True,
+    help="run only these loads (single, one client, bulk, bulk u8, stream, v2, ...); repeatable",
+)
+@click.option(
+    "--callers", multiple=True, type=int, help="run only loads with this many callers; repeatable"
+)
 def main(
     model: Path, out: Path, data_dir: str | None, duration: float, warmup: float, rounds: int,
-    clients: int, only: tuple[str, ...], peers: bool, quick: bool,
+    clients: int, only: tuple[str, ...], peers: bool, quick: bool, loads: tuple[str, ...],
+    callers: tuple[int, ...],
 ) -> None:  # fmt: skip
     """Measure this server against its compute ceiling, its transport floor and its peers.
 
@@ -256,9 +275,10 @@ def main(
     )  # fmt: skip
     results["ceiling"] = json.loads(ceiling.stdout)
     wanted = [
-        (key, workloads)
+        (key, kept)
         for key, workloads in plan(quick)
         if (not only or key in only) and (peers or key not in report.PEER_KEYS)
+        if (kept := [w for w in workloads if _chosen(w, loads, callers)])
     ]
     with contextlib.ExitStack() as stack:
         live: dict[str, tuple[servers.Running, list[Workload]]] = {}
@@ -304,6 +324,12 @@ def main(
     (out / "bench.md").write_text(report.markdown(results))
     report.print_all(results, Console(width=200))
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
+
+
+def _chosen(workload: Workload, loads: tuple[str, ...], callers: tuple[int, ...]) -> bool:
+    return (not loads or workload.name in loads) and (
+        not callers or workload.concurrency in callers
+    )
 
 
 def idle_cpu(live: dict[str, servers.Running], seconds: float = 2.0) -> dict[str, float]:

@@ -7,6 +7,10 @@ are serialized once up front and replies are kept as bytes; only a sample is par
 (correctness and the server's batching telemetry), so the per-call client cost is gRPC's own.
 
     python -m bench.load --target 127.0.0.1:50051 --call classify --images 1 --concurrency 32
+
+`--call client` is the other kind of caller: the project's own `AsyncDigitClient`, its
+`classify()` per call (pixels checked and encoded, the reply decoded, as a program using the
+library pays), over its pool of connections (one to each server process).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from digit_recognizer.client.errors import DigitClientError
 from digit_recognizer.client.images import quantized
 from digit_recognizer.protos import digits_pb2, inference_pb2
 
-CALLS = ("classify", "stream", "infer", "rest", "rest-binary")
+CALLS = ("classify", "stream", "infer", "rest", "rest-binary", "client")
 UNARY_METHODS = {
     "classify": "/digits.v1.DigitClassifier/Classify",
     "infer": "/inference.GRPCInferenceService/ModelInfer",
@@ -124,8 +129,10 @@ def build_request(load: Load, images: np.ndarray) -> bytes:
     return request.SerializeToString()
 
 
-def predicted_digits(load: Load, reply: bytes) -> tuple[list[int], int | None]:
+def predicted_digits(load: Load, reply: Any) -> tuple[list[int], int | None]:
     """The digits in a reply and, for digits.v1, the executed batch size it reports."""
+    if load.call == "client":  # a Prediction
+        return [reply.digit], reply.telemetry.batch_size
     if load.call == "rest":
         (output,) = json.loads(reply)["outputs"]
         return np.asarray(output["data"]).reshape(-1, 10).argmax(axis=1).tolist(), None
@@ -139,14 +146,26 @@ def predicted_digits(load: Load, reply: bytes) -> tuple[list[int], int | None]:
         else:
             probabilities = np.asarray(response.outputs[0].contents.fp32_contents, np.float32)
         return probabilities.reshape(-1, 10).argmax(axis=1).tolist(), None
+    response = digits_response(load, reply)
+    return [p.digit for p in response.predictions], response.telemetry.batch_size
+
+
+def digits_response(load: Load, reply: bytes) -> digits_pb2.ClassifyResponse:
     if load.call == "stream":
         stream_reply = digits_pb2.ClassifyStreamResponse.FromString(reply)
         if stream_reply.HasField("error"):
             raise RuntimeError(f"stream error {stream_reply.error.message}")
-        response = stream_reply.response
-    else:
-        response = digits_pb2.ClassifyResponse.FromString(reply)
-    return [p.digit for p in response.predictions], response.telemetry.batch_size
+        return stream_reply.response
+    return digits_pb2.ClassifyResponse.FromString(reply)
+
+
+def answering_worker(load: Load, reply: Any) -> int | None:
+    """The server process that answered (digits.v1 replies say; other protocols do not)."""
+    if load.call == "client":
+        return reply.telemetry.worker
+    if load.call in ("classify", "stream"):
+        return digits_response(load, reply).telemetry.worker
+    return None
 
 
 Call = Callable[[], Awaitable[bytes]]
@@ -192,9 +211,14 @@ def open_rest_caller(load: Load, session: Any, images: np.ndarray) -> Call:
     return post
 
 
+def open_client_caller(client: Any, images: np.ndarray) -> Call:
+    pixels = quantized(images)  # 8-bit, as pictures are and as the library sends them
+    return lambda: client.classify(pixels[0])
+
+
 async def run(load: Load) -> dict:
     images, labels = sample_images(load.samples, load.images)
-    request = build_request(load, images)
+    request = build_request(load, images) if load.call != "client" else b""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -212,6 +236,14 @@ async def run(load: Load) -> dict:
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=load.concurrency))
             )
             callers = [open_rest_caller(load, session, images) for _ in range(load.concurrency)]
+        elif load.call == "client":
+            from digit_recognizer.client.client import AsyncDigitClient
+
+            client = await stack.enter_async_context(
+                AsyncDigitClient(load.target, connections=load.connections or "auto")
+            )
+            await client.connect()
+            callers = [open_client_caller(client, images) for _ in range(load.concurrency)]
         else:
             channels = [
                 await stack.enter_async_context(
@@ -235,8 +267,8 @@ async def run(load: Load) -> dict:
             while (started := time.perf_counter()) < stop_at:
                 try:
                     reply = await call()
-                except (grpc.aio.AioRpcError, HttpError) as exc:
-                    code = exc.code if isinstance(exc, HttpError) else exc.code().name
+                except (grpc.aio.AioRpcError, HttpError, DigitClientError) as exc:
+                    code = _code(exc)
                     if started >= measure_from:
                         errors[code] = errors.get(code, 0) + 1
                     await asyncio.sleep(0.001)  # an erroring server must not become a spin
@@ -245,7 +277,7 @@ async def run(load: Load) -> dict:
                 if measure_from <= started and finished <= stop_at:
                     latencies.append(finished - started)
                     count += 1
-                    if load.check and count % SAMPLE_EVERY == 1:
+                    if load.check and (load.call == "client" or count % SAMPLE_EVERY == 1):
                         samples.append(reply)
 
         async def mark_cpu() -> None:
@@ -259,20 +291,32 @@ async def run(load: Load) -> dict:
         cpu_s = _cpu_s() - cpu_at_start[0]
     wrong = 0
     batch_sizes: list[int] = []
+    workers: dict[str, int] = {}  # replies per server process, of the sample
     for reply in samples:
         digits, batch_size = predicted_digits(load, reply)
         wrong += sum(d != want for d, want in zip(digits, labels, strict=True))
         if batch_size is not None:
             batch_sizes.append(batch_size)
+        if (worker := answering_worker(load, reply)) is not None:
+            workers[str(worker)] = workers.get(str(worker), 0) + 1
     return {
         "latencies_s": latencies,
         "errors": errors,
         "checked_replies": len(samples),
         "wrong_digits": wrong,
         "batch_sizes": batch_sizes,
+        "sampled_workers": workers,
         "cpu_s": cpu_s,
         "duration_s": load.duration_s,
     }
+
+
+def _code(exc: Exception) -> str:
+    if isinstance(exc, HttpError):
+        return exc.code
+    if isinstance(exc, DigitClientError):
+        return type(exc).__name__
+    return exc.code().name
 
 
 def _cpu_s() -> float:
@@ -300,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-name", default="pixels")
     parser.add_argument("--output-name", default="probabilities")
     parser.add_argument("--encoding", choices=("f32", "u8"), default="f32")
-    parser.add_argument("--connections", type=int, default=1, help="TCP connections")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="TCP connections (client: 0 = auto)"
+    )
     args = parser.parse_args(argv)
     load = Load(
         target=args.target,

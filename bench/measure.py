@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,10 @@ class Workload:
     concurrency: int  # callers, all processes together
     encoding: str = "f32"  # pixels as raw float32, or u8 (0-255 bytes, a quarter the size)
     # TCP connections per load process: --workers N servers share the port through
-    # SO_REUSEPORT, which spreads connections (not calls) over the workers.
+    # SO_REUSEPORT, which spreads connections (not calls) over the workers. For the
+    # "client" call (AsyncDigitClient), 0 = its default pool: one to each worker.
     connections: int = 2
+    processes: int = 0  # load processes; 0 = the bench's --clients
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,19 @@ class Measurement:
     client_cpu: float  # cores, all load processes
     client_processes: int
     limit: str  # which side saturated: "cores", "server", "clients" or "neither"
+    # Replies per server process (--workers N), of those parsed (digits.v1 only: the reply's
+    # Telemetry.worker); "spread" = (most - fewest) / most.
+    per_worker: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def worker_spread(self) -> float | None:
+        counts = list(self.per_worker.values())
+        if len(counts) < 2:
+            return None
+        return (max(counts) - min(counts)) / max(counts)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "worker_spread": self.worker_spread}
 
 
 def split(concurrency: int, processes: int) -> list[int]:
@@ -108,7 +120,7 @@ def measure(
             text=True,
             cwd=Path(__file__).parent.parent,
         )
-        for callers in split(workload.concurrency, clients)
+        for callers in split(workload.concurrency, workload.processes or clients)
     ]
     time.sleep(max(0.0, start_at + warmup_s - time.time()))
     server_cpu_start = server.cpu_s()
@@ -126,6 +138,10 @@ def measure(
         for code, count in result["errors"].items():
             errors[code] = errors.get(code, 0) + count
     batch_sizes = [size for r in results for size in r["batch_sizes"]]
+    per_worker: dict[str, int] = {}
+    for result in results:
+        for worker, count in result.get("sampled_workers", {}).items():
+            per_worker[worker] = per_worker.get(worker, 0) + count
     per_client = [r["cpu_s"] / duration_s for r in results]
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) if len(latencies) else (np.nan,) * 3
     requests_per_s = len(latencies) / duration_s
@@ -148,6 +164,7 @@ def measure(
         client_cpu=sum(per_client),
         client_processes=len(procs),
         limit=limit(server_cpu, per_client, cores),
+        per_worker=dict(sorted(per_worker.items())),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
+# Before grpc loads: its core's own lines (a TLS handshake that failed, at INFO) would come
+# before our one-line error; set GRPC_VERBOSITY to see them.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 from click.core import ParameterSource
 
@@ -28,6 +34,7 @@ from digit_recognizer.client.client import (
     AsyncDigitClient,
     Credentials,
     DigitClient,
+    parse_connections,
 )
 from digit_recognizer.client.errors import DigitClientError, ImageError
 from digit_recognizer.client.versions import version_option
@@ -64,7 +71,10 @@ _CONNECTION: tuple[tuple[str, dict[str, Any]], ...] = (
 )  # fmt: skip
 # The model a call is for: only for the commands that call a model (not health, not models).
 _MODEL: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--model", {"default": "", "help": "Model to ask (digit-client models lists them); "
+    # Not DIGITS_MODEL: that is the server's model file, and a container or shell often has
+    # both (a client in the server's environment would ask for a model named like a path).
+    ("--model", {"default": "", "envvar": "DIGITS_MODEL_NAME", "allow_from_autoenv": False,
+                 "help": "Model to ask (digit-client models lists them); "
                  "default: the server's default."}),
     ("--model-version", {"default": "", "help": "Its version; default: the latest."}),
 )  # fmt: skip
@@ -120,6 +130,8 @@ def connection_options(*, model: bool = True) -> Callable[[Callable[..., Any]], 
                 credentials=credentials,
                 model=settings.get("model", ""),
                 model_version=settings.get("model_version", ""),
+                # A command's few calls: one connection. `bench` takes --connections.
+                connections=1,
             )
             try:
                 return command(connect=connect, **kwargs)
@@ -474,6 +486,13 @@ def health(connect: Callable[[], DigitClient], service: str) -> None:
     show_default=True,
     help="digits.v1 Classify, or the Open Inference Protocol's ModelInfer (raw FP32).",
 )
+@click.option(
+    "--connections",
+    default="auto",
+    show_default=True,
+    help="TCP connections: auto (one to each process of a --workers N server, calls "
+    "balanced over them) or a number (1: one connection, one server process).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @connection_options()
 def bench(
@@ -484,6 +503,7 @@ def bench(
     batch_size: int,
     encoding: str,
     protocol: str,
+    connections: str,
     as_json: bool,
 ) -> None:
     """Measure throughput and latency under a closed-loop load of real requests.
@@ -493,7 +513,11 @@ def bench(
       digit-client bench --concurrency 64 --duration 10
       digit-client bench --batch-size 256 --concurrency 4 --count 1000 --json
     """
-    client_args = connect.keywords
+    try:
+        pool = parse_connections(connections)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--connections") from None
+    client_args = {**connect.keywords, "connections": pool}
     result = asyncio.run(
         _bench(
             client_args,
@@ -521,7 +545,17 @@ def _print_bench(result: dict[str, Any]) -> None:
         f"latency ms: p50 {result['p50_ms']:.2f}, p90 {result['p90_ms']:.2f}, "
         f"p99 {result['p99_ms']:.2f}, max {result['max_ms']:.2f}"
         + (f"\nerrors: {result['errors']}" if result["errors"] else "")
+        + _per_worker(result)
     )
+
+
+def _per_worker(result: dict[str, Any]) -> str:
+    """ ", over 2 connections: worker 0 5,012 requests, worker 1 4,987" (digits.v1 replies)."""
+    counts = result.get("requests_per_worker") or {}
+    if len(counts) < 2:
+        return ""
+    shares = ", ".join(f"worker {w} {n:,}" for w, n in counts.items())
+    return f"\nover {result['connections']} connections: {shares}"
 
 
 async def _bench(
@@ -550,11 +584,13 @@ async def _bench(
         request = digits_pb2.ClassifyRequest(pixels_f32le=pixels.astype("<f4").tobytes())
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    answered: Counter[int] = Counter()  # requests per server process (digits.v1 replies say)
     issued = 0
     async with AsyncDigitClient(**client_args) as client:
-        await client.model_info()  # connect before the clock starts
+        await client.model_info()
+        await client.connect()  # every connection open before the clock starts
         timeout = client.timeout
-        call: Any = client._stub.Classify
+        method: Any = lambda slot: slot.stub.Classify  # noqa: E731
         request.model, request.model_version = client.model, client.model_version
         if protocol == "v2":
             info = await client.model_info()
@@ -567,7 +603,13 @@ async def _bench(
                 inputs=[tensor],
                 raw_input_contents=[pixels.astype("<f4").tobytes()],
             )
-            call = inference_pb2_grpc.GRPCInferenceServiceStub(client._channel).ModelInfer
+            stubs: dict[int, Any] = {}
+
+            def method(slot: Any) -> Any:
+                if id(slot) not in stubs:
+                    stubs[id(slot)] = inference_pb2_grpc.GRPCInferenceServiceStub(slot.channel)
+                return stubs[id(slot)].ModelInfer
+
         started = time.perf_counter()
         stop_at = started + (float("inf") if count else duration)
         total = count or duration
@@ -588,13 +630,21 @@ async def _bench(
                 while time.perf_counter() < stop_at and (count is None or issued < count):
                     issued += 1
                     sent = time.perf_counter()
+                    slot = client._acquire()  # the pool's connection for this call
                     try:
                         # The call's metadata carries the token (and trace context), as
                         # every other command's calls do.
-                        await call(request, timeout=timeout, metadata=client._metadata)
+                        reply = await method(slot)(
+                            request, timeout=timeout, metadata=client._metadata
+                        )
                         latencies.append(time.perf_counter() - sent)
+                        if protocol == "digits":
+                            answered[reply.telemetry.worker] += 1
+                            client._heard(slot, reply.telemetry)
                     except grpc.aio.AioRpcError as exc:  # counted by code, never fatal
                         errors[exc.code().name] += 1
+                    finally:
+                        await client._release(slot)
                     done = len(latencies) + sum(errors.values())
                     bar.update(
                         task,
@@ -604,6 +654,7 @@ async def _bench(
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
+        connections = client.open_connections
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
     return {
         "concurrency": concurrency,
@@ -620,4 +671,6 @@ async def _bench(
         "p99_ms": float(np.percentile(ms, 99)),
         "max_ms": float(ms.max()),
         "errors": dict(errors),
+        "connections": connections,
+        "requests_per_worker": {str(w): n for w, n in sorted(answered.items())},
     }

@@ -4,17 +4,23 @@
         print(client.classify_image("seven.png").digit)
 
 Both share everything but the calls themselves: input normalisation, request encoding,
-reply decoding and the channel's service config, which carries the retry policy (UNAVAILABLE
+reply decoding and the channels' service config, which carries the retry policy (UNAVAILABLE
 only: retrying RESOURCE_EXHAUSTED at once is what turns an overload into an outage),
 round-robin balancing over every address a `dns:///host:port` target resolves to, and
 client-side health checking, so that a draining replica stops getting calls at once.
+
+Calls go over a pool of connections (pool.py): by default one to each process of a
+`--workers N` server, each call on the connection with the fewest calls in progress;
+`connections=1` keeps one connection, as a plain gRPC channel does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +29,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digit_recognizer.client.errors import DigitClientError, InvalidInput, from_rpc_error
+from digit_recognizer.client.pool import (
+    AUTO,
+    Connections,
+    Pool,
+    Slot,
+    cover_steps,
+    parse_connections,
+)
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 from digit_recognizer.protos.contract import IMAGE_SIDE, PIXELS_PER_IMAGE
 
@@ -38,6 +52,7 @@ SERVICE = "digits.v1.DigitClassifier"
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_CHUNK = 256  # images per request when the server's own limit is not known yet
+PROBE_TIMEOUT_S = 5.0  # asking a new connection which server process it reached
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 SERVICE_CONFIG = {
@@ -73,6 +88,8 @@ class Telemetry:
     batches: int
     queue_us: int
     compute_us: int
+    worker: int = 0  # the server process that answered, of `workers` (0: not told)
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,8 @@ def as_pixels(images: Any) -> np.ndarray:
 
 
 def encode(pixels: np.ndarray, top_k: int = 0, request_id: str = "") -> digits_pb2.ClassifyRequest:
+    if not isinstance(top_k, int) or top_k < 0:  # protobuf's own error would be a ValueError
+        raise InvalidInput(f"top_k must be a whole number >= 0, got {top_k!r}")
     if pixels.dtype.name == "uint8":  # as_pixels gives uint8 or float32
         return digits_pb2.ClassifyRequest(
             request_id=request_id, pixels_u8=pixels.tobytes(), top_k=top_k
@@ -177,11 +196,9 @@ def encode(pixels: np.ndarray, top_k: int = 0, request_id: str = "") -> digits_p
 
 
 def decode(reply: digits_pb2.ClassifyResponse) -> list[Prediction]:
+    told = reply.telemetry
     telemetry = Telemetry(
-        reply.telemetry.batch_size,
-        reply.telemetry.batches,
-        reply.telemetry.queue_us,
-        reply.telemetry.compute_us,
+        told.batch_size, told.batches, told.queue_us, told.compute_us, told.worker, told.workers
     )
     return [
         Prediction(
@@ -248,18 +265,44 @@ def _metadata(
     return tuple(metadata)
 
 
-def _channels(
+def _open_channel(
     module: Any, target: str, secure: grpc.ChannelCredentials | None, options: list[Any]
-) -> tuple[Any, Any]:
-    """The channel for calls, and one for health() that does no client-side health checking
-    itself: through the first, a draining server is unreachable rather than NOT_SERVING."""
-    probe_options = [*options, ("grpc.inhibit_health_checking", 1)]
+) -> Any:
     if secure:
-        return (
-            module.secure_channel(target, secure, options),
-            module.secure_channel(target, secure, probe_options),
-        )
-    return module.insecure_channel(target, options), module.insecure_channel(target, probe_options)
+        return module.secure_channel(target, secure, options)
+    return module.insecure_channel(target, options)
+
+
+def _slot_opener(
+    module: Any,
+    target: str,
+    secure: grpc.ChannelCredentials | None,
+    options: list[Any],
+    connections: Connections,
+) -> Any:
+    """Opens the pool's channels. One pinned connection is a plain channel, as before the
+    pool; several each get a subchannel pool of their own, so each holds its own TCP
+    connection (gRPC otherwise shares one between channels with the same settings)."""
+    if connections != 1:
+        options = [*options, ("grpc.use_local_subchannel_pool", 1)]
+
+    def open_slot(_number: int) -> Slot:
+        channel = _open_channel(module, target, secure, options)
+        return Slot(channel, digits_pb2_grpc.DigitClassifierStub(channel))
+
+    return open_slot
+
+
+def _probe_channel(
+    module: Any, target: str, secure: grpc.ChannelCredentials | None, options: list[Any]
+) -> Any:
+    """The channel for health(): it does no client-side health checking itself, since
+    through the call channels a draining server is unreachable rather than NOT_SERVING."""
+    return _open_channel(module, target, secure, [*options, ("grpc.inhibit_health_checking", 1)])
+
+
+def _answer(info: digits_pb2.ModelInfo) -> tuple[int, int]:
+    return info.worker, info.workers
 
 
 class _Base:
@@ -272,7 +315,9 @@ class _Base:
         options: Sequence[tuple[str, Any]],
         model: str,
         model_version: str,
+        connections: Connections | str,
     ) -> None:
+        self.connections: Connections = parse_connections(connections)
         self.target = target
         self.timeout = timeout
         self.model = model  # "" = the server's default model
@@ -303,9 +348,30 @@ class _Base:
     def _info_request(self) -> digits_pb2.GetModelInfoRequest:
         return digits_pb2.GetModelInfoRequest(model=self.model, model_version=self.model_version)
 
+    _pool: Pool
+
+    @property
+    def workers(self) -> int:
+        """How many processes the server runs, as it said (0: not heard yet)."""
+        return self._pool.workers
+
+    def reached_workers(self) -> tuple[int, ...]:
+        """The server processes this client's connections reach, as last heard."""
+        return self._pool.reached()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections that take new calls."""
+        return len(self._pool.slots)
+
 
 class DigitClient(_Base):
-    """Blocking client. Thread-safe; reuse one per process (it holds the connections)."""
+    """Blocking client. Thread-safe; reuse one per process (it holds the connections).
+
+    `connections`: "auto" (one connection to each process of a `--workers N` server, opened
+    in the background from the first call on; `connect()` waits for them), or a fixed count
+    (1: one connection, one server process).
+    """
 
     def __init__(
         self,
@@ -317,11 +383,16 @@ class DigitClient(_Base):
         options: Sequence[tuple[str, Any]] = (),
         model: str = "",
         model_version: str = "",
+        connections: Connections | str = AUTO,
     ) -> None:
-        super().__init__(target, timeout, credentials, metadata, options, model, model_version)
+        super().__init__(
+            target, timeout, credentials, metadata, options, model, model_version, connections
+        )
         secure = _channel_credentials(self._credentials)
-        self._channel, self._probe_channel = _channels(grpc, target, secure, self._options)
-        self._stub = digits_pb2_grpc.DigitClassifierStub(self._channel)
+        opener = _slot_opener(grpc, target, secure, self._options, self.connections)
+        self._pool = Pool(opener, self.connections, threading.Lock())
+        self._probe_channel = _probe_channel(grpc, target, secure, self._options)
+        self._covering: threading.Thread | None = None
 
     def __enter__(self) -> DigitClient:
         return self
@@ -330,8 +401,22 @@ class DigitClient(_Base):
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for slot in self._pool.take_all():
+            slot.channel.close()
         self._probe_channel.close()
+        covering = self._covering
+        if covering is not None and covering is not threading.current_thread():
+            covering.join(PROBE_TIMEOUT_S)
+
+    def connect(self) -> tuple[int, ...]:
+        """Open the connections now: with "auto", until one reaches each server process (or
+        the tries run out). Returns the processes reached."""
+        covering = self._covering
+        if covering is not None and covering.is_alive():
+            covering.join()
+        if self._pool.start_covering():
+            self._cover()
+        return self._pool.reached()
 
     def classify(self, pixels: Any, *, top_k: int = 0) -> Prediction:
         """One image: (784,) or (28, 28), uint8 0-255 or float 0-1."""
@@ -343,20 +428,30 @@ class DigitClient(_Base):
     def classify_many(self, images: Any, *, top_k: int = 0) -> list[Prediction]:
         """Any number of images; sent in concurrent requests of the server's size limit."""
         pixels = as_pixels(images)
-        futures = [
-            self._stub.Classify.future(
-                encode(chunk, top_k), timeout=self.timeout, metadata=self._metadata
-            )
-            for chunk in _chunks(pixels, self._chunk_size())
-        ]
-        predictions: list[Prediction] = []
+        calls = []
         try:
-            for future in futures:
-                predictions.extend(decode(future.result()))
+            for chunk in _chunks(pixels, self._chunk_size()):
+                slot = self._acquire()
+                calls.append((slot, None))
+                future = slot.stub.Classify.future(
+                    self._addressed(encode(chunk, top_k)),
+                    timeout=self.timeout,
+                    metadata=self._metadata,
+                )
+                calls[-1] = (slot, future)
+            predictions: list[Prediction] = []
+            for slot, future in calls:
+                reply = future.result()
+                self._heard(slot, reply.telemetry)
+                predictions.extend(decode(reply))
         except grpc.RpcError as error:
-            for future in futures:
-                future.cancel()
+            for _, future in calls:
+                if future is not None:
+                    future.cancel()
             raise self._error(error) from None
+        finally:
+            for slot, _ in calls:
+                self._release(slot)
         return predictions
 
     def classify_image(self, source: ImageSource, *, top_k: int = 0) -> Prediction:
@@ -389,30 +484,41 @@ class DigitClient(_Base):
                 if request is not None:
                     yield self._addressed(request)
 
+        slot = self._acquire()  # one stream, one connection, for as long as it lasts
         try:
-            for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
+            for reply in slot.stub.ClassifyStream(requests(), metadata=self._metadata):
                 yield from _drain(rejected)
                 yield _stream_item(reply, self.target)
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            self._release(slot)
         yield from _drain(rejected)
 
     def model_info(self) -> digits_pb2.ModelInfo:
+        slot = self._acquire()
         try:
-            return self._stub.GetModelInfo(
+            info = slot.stub.GetModelInfo(
                 self._info_request(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            self._release(slot)
+        self._heard(slot, info)
+        return info
 
     def list_models(self) -> digits_pb2.ListModelsResponse:
         """Every model and version the server knows of, READY or UNAVAILABLE (with why)."""
+        slot = self._acquire()
         try:
-            return self._stub.ListModels(
+            return slot.stub.ListModels(
                 digits_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            self._release(slot)
 
     def health(self, service: str = "") -> str:
         """ "SERVING", "NOT_SERVING", ... for the whole server ("") or one service."""
@@ -428,12 +534,16 @@ class DigitClient(_Base):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def _call(self, request: digits_pb2.ClassifyRequest) -> list[Prediction]:
+        slot = self._acquire()
         try:
-            reply = self._stub.Classify(
+            reply = slot.stub.Classify(
                 self._addressed(request), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            self._release(slot)
+        self._heard(slot, reply.telemetry)
         return decode(reply)
 
     def _chunk_size(self) -> int:
@@ -441,9 +551,60 @@ class DigitClient(_Base):
             self._chunk = self.model_info().batching.max_images_per_request or DEFAULT_CHUNK
         return self._chunk
 
+    # The pool: a slot per call, and covering the server's processes in a thread.
+
+    def _acquire(self) -> Slot:
+        if self._pool.first_call:
+            self._start_covering()
+        return self._pool.acquire()
+
+    def _release(self, slot: Slot) -> None:
+        if self._pool.release(slot):  # retired, and its last call just ended
+            slot.channel.close()
+
+    def _heard(self, slot: Slot, told: Any) -> None:
+        """A reply (its Telemetry, or ModelInfo) said which process answered on `slot`."""
+        if self._pool.heard(slot, told.worker, told.workers):
+            self._start_covering()
+
+    def _start_covering(self) -> None:
+        if self._pool.start_covering():
+            self._covering = threading.Thread(
+                target=self._cover, name="digit-client-connections", daemon=True
+            )
+            self._covering.start()
+
+    def _cover(self) -> None:
+        """cover_steps with blocking calls: each step's connections asked at once."""
+        steps = cover_steps(self._pool)
+        try:
+            slots = next(steps)
+            while True:
+                slots = steps.send(self._ask(slots))
+        except StopIteration as done:
+            for slot in done.value:
+                slot.channel.close()
+        finally:
+            self._pool.covering = False
+
+    def _ask(self, slots: list[Slot]) -> list[tuple[int, int] | None]:
+        request = digits_pb2.GetModelInfoRequest()  # the default model: always there
+        futures = [
+            slot.stub.GetModelInfo.future(request, timeout=PROBE_TIMEOUT_S, metadata=self._metadata)
+            for slot in slots
+        ]
+        answers: list[tuple[int, int] | None] = []
+        for future in futures:
+            try:
+                answers.append(_answer(future.result()))
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                answers.append(None)
+        return answers
+
 
 class AsyncDigitClient(_Base):
-    """asyncio client: `async with AsyncDigitClient(...) as client:`."""
+    """asyncio client: `async with AsyncDigitClient(...) as client:`. `connections` as for
+    DigitClient."""
 
     def __init__(
         self,
@@ -455,11 +616,16 @@ class AsyncDigitClient(_Base):
         options: Sequence[tuple[str, Any]] = (),
         model: str = "",
         model_version: str = "",
+        connections: Connections | str = AUTO,
     ) -> None:
-        super().__init__(target, timeout, credentials, metadata, options, model, model_version)
+        super().__init__(
+            target, timeout, credentials, metadata, options, model, model_version, connections
+        )
         secure = _channel_credentials(self._credentials)
-        self._channel, self._probe_channel = _channels(grpc.aio, target, secure, self._options)
-        self._stub = digits_pb2_grpc.DigitClassifierStub(self._channel)
+        opener = _slot_opener(grpc.aio, target, secure, self._options, self.connections)
+        self._pool = Pool(opener, self.connections)
+        self._probe_channel = _probe_channel(grpc.aio, target, secure, self._options)
+        self._covering: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncDigitClient:
         return self
@@ -468,8 +634,23 @@ class AsyncDigitClient(_Base):
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        slots = self._pool.take_all()
+        if self._covering is not None:
+            self._covering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._covering
+        for slot in slots:
+            await slot.channel.close()
         await self._probe_channel.close()
+
+    async def connect(self) -> tuple[int, ...]:
+        """Open the connections now: with "auto", until one reaches each server process (or
+        the tries run out). Returns the processes reached."""
+        if self._covering is not None and not self._covering.done():
+            await asyncio.shield(self._covering)
+        if self._pool.start_covering():
+            await self._cover()
+        return self._pool.reached()
 
     async def classify(self, pixels: Any, *, top_k: int = 0) -> Prediction:
         array = as_pixels(pixels)
@@ -512,31 +693,42 @@ class AsyncDigitClient(_Base):
                 if request is not None:
                     yield self._addressed(request)
 
+        slot = self._acquire()  # one stream, one connection, for as long as it lasts
         try:
-            async for reply in self._stub.ClassifyStream(requests(), metadata=self._metadata):
+            async for reply in slot.stub.ClassifyStream(requests(), metadata=self._metadata):
                 for item in _drain(rejected):
                     yield item
                 yield _stream_item(reply, self.target)
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            await self._release(slot)
         for item in _drain(rejected):
             yield item
 
     async def model_info(self) -> digits_pb2.ModelInfo:
+        slot = self._acquire()
         try:
-            return await self._stub.GetModelInfo(
+            info = await slot.stub.GetModelInfo(
                 self._info_request(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            await self._release(slot)
+        self._heard(slot, info)
+        return info
 
     async def list_models(self) -> digits_pb2.ListModelsResponse:
+        slot = self._acquire()
         try:
-            return await self._stub.ListModels(
+            return await slot.stub.ListModels(
                 digits_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            await self._release(slot)
 
     async def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self._probe_channel)
@@ -551,12 +743,16 @@ class AsyncDigitClient(_Base):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def _call(self, request: digits_pb2.ClassifyRequest) -> list[Prediction]:
+        slot = self._acquire()
         try:
-            reply = await self._stub.Classify(
+            reply = await slot.stub.Classify(
                 self._addressed(request), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error) from None
+        finally:
+            await self._release(slot)
+        self._heard(slot, reply.telemetry)
         return decode(reply)
 
     async def _chunk_size(self) -> int:
@@ -564,6 +760,56 @@ class AsyncDigitClient(_Base):
             info = await self.model_info()
             self._chunk = info.batching.max_images_per_request or DEFAULT_CHUNK
         return self._chunk
+
+    # The pool: a slot per call, and covering the server's processes in a task.
+
+    def _acquire(self) -> Slot:
+        if self._pool.first_call:
+            self._start_covering()
+        return self._pool.acquire()
+
+    async def _release(self, slot: Slot) -> None:
+        if self._pool.release(slot):  # retired, and its last call just ended
+            await slot.channel.close()
+
+    def _heard(self, slot: Slot, told: Any) -> None:
+        """A reply (its Telemetry, or ModelInfo) said which process answered on `slot`."""
+        if self._pool.heard(slot, told.worker, told.workers):
+            self._start_covering()
+
+    def _start_covering(self) -> None:
+        if self._pool.start_covering():
+            self._covering = asyncio.get_running_loop().create_task(
+                self._cover(), name="digit-client-connections"
+            )
+
+    async def _cover(self) -> None:
+        """cover_steps with asyncio calls: each step's connections asked at once."""
+        steps = cover_steps(self._pool)
+        try:
+            slots = next(steps)
+            while True:
+                slots = steps.send(await self._ask(slots))
+        except StopIteration as done:
+            for slot in done.value:
+                await slot.channel.close()
+        finally:
+            self._pool.covering = False
+
+    async def _ask(self, slots: list[Slot]) -> list[tuple[int, int] | None]:
+        request = digits_pb2.GetModelInfoRequest()  # the default model: always there
+
+        async def ask(slot: Slot) -> tuple[int, int] | None:
+            try:
+                return _answer(
+                    await slot.stub.GetModelInfo(
+                        request, timeout=PROBE_TIMEOUT_S, metadata=self._metadata
+                    )
+                )
+            except grpc.RpcError:
+                return None
+
+        return list(await asyncio.gather(*(ask(slot) for slot in slots)))
 
 
 def _stream_request(

@@ -66,6 +66,16 @@ def grpc_ready(target: str, timeout: float) -> str | None:
     return None if reply == SERVING else f"grpc {target}: not SERVING"
 
 
+class _Version(argparse.Action):
+    """--version, with the package metadata read only when asked (every probe pays imports)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kwargs: object) -> None:
+        from importlib.metadata import version
+
+        print(f"digit-probe {version('digit-recognizer')}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-cert", default=None, help="PEM certificate, for mutual TLS")
     parser.add_argument("--client-key", default=None, help="its PEM key")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default: 2)")
+    parser.add_argument("--version", nargs=0, action=_Version, help="print the version")
     return parser
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$digit_recognizer/protos/digits.proto\x12\tdigits.v1\"\x93\x01\n\x0f\x43lassifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06pixels\x18\x02 \x03(\x02\x12\x14\n\x0cpixels_f32le\x18\x03 \x01(\x0c\x12\x11\n\tpixels_u8\x18\x04 \x01(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\">\n\tCandidate\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xc6\x01\n\nPrediction\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12!\n\x03top\x18\x05 \x03(\x0b\x32\x14.digits.v1.Candidate\x12\x15\n\x08is_digit\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x0b\x64igit_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x42\x0b\n\t_is_digitB\x0e\n\x0c_digit_score\"V\n\tTelemetry\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\r\x12\x10\n\x08queue_us\x18\x03 \x01(\x04\x12\x12\n\ncompute_us\x18\x04 \x01(\x04\"\x92\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x15.digits.v1.Prediction\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\ttelemetry\x18\x04 \x01(\x0b\x32\x14.digits.v1.Telemetry\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.digits.v1.ClassifyResponseH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.digits.v1.ErrorH\x00\x42\x08\n\x06result\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"S\n\x12ModelVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"Z\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12-\n\x06models\x18\x02 \x03(\x0b\x32\x1d.digits.v1.ModelVersionStatus\"\x85\x01\n\rInputContract\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x11\n\tmin_value\x18\x05 \x01(\x02\x12\x11\n\tmax_value\x18\x06 \x01(\x02\x12\x12\n\nbackground\x18\x07 \x01(\x02\"\x91\x01\n\x0e\x42\x61tchingLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x14\n\x0cmax_delay_us\x18\x02 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\"\x80\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x66ile_sha256\x18\x04 \x01(\t\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x11\n\ttest_loss\x18\x06 \x01(\x01\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x0f\n\x07\x64\x61taset\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\'\n\x05input\x18\n \x01(\x0b\x32\x18.digits.v1.InputContract\x12\x1a\n\x12\x65xecution_provider\x18\x0b \x01(\t\x12+\n\x08\x62\x61tching\x18\x0c \x01(\x0b\x32\x19.digits.v1.BatchingLimits\x12\x1c\n\x14training_config_json\x18\r \x01(\t\x12\r\n\x05model\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\t\x12\x43\n\x10library_versions\x18\x10 \x03(\x0b\x32).digits.v1.ModelInfo.LibraryVersionsEntry\x12\x15\n\rdetector_json\x18\x11 \x01(\t\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xbc\x02\n\x0f\x44igitClassifier\x12\x43\n\x08\x43lassify\x12\x1a.digits.v1.ClassifyRequest\x1a\x1b.digits.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1a.digits.v1.ClassifyRequest\x1a!.digits.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.digits.v1.GetModelInfoRequest\x1a\x14.digits.v1.ModelInfo\x12I\n\nListModels\x12\x1c.digits.v1.ListModelsRequest\x1a\x1d.digits.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$digit_recognizer/protos/digits.proto\x12\tdigits.v1\"\x93\x01\n\x0f\x43lassifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06pixels\x18\x02 \x03(\x02\x12\x14\n\x0cpixels_f32le\x18\x03 \x01(\x0c\x12\x11\n\tpixels_u8\x18\x04 \x01(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\">\n\tCandidate\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xc6\x01\n\nPrediction\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12!\n\x03top\x18\x05 \x03(\x0b\x32\x14.digits.v1.Candidate\x12\x15\n\x08is_digit\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x0b\x64igit_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x42\x0b\n\t_is_digitB\x0e\n\x0c_digit_score\"w\n\tTelemetry\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\r\x12\x10\n\x08queue_us\x18\x03 \x01(\x04\x12\x12\n\ncompute_us\x18\x04 \x01(\x04\x12\x0e\n\x06worker\x18\x05 \x01(\r\x12\x0f\n\x07workers\x18\x06 \x01(\r\"\x92\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x15.digits.v1.Prediction\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\ttelemetry\x18\x04 \x01(\x0b\x32\x14.digits.v1.Telemetry\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.digits.v1.ClassifyResponseH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.digits.v1.ErrorH\x00\x42\x08\n\x06result\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"S\n\x12ModelVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"Z\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12-\n\x06models\x18\x02 \x03(\x0b\x32\x1d.digits.v1.ModelVersionStatus\"\x85\x01\n\rInputContract\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x11\n\tmin_value\x18\x05 \x01(\x02\x12\x11\n\tmax_value\x18\x06 \x01(\x02\x12\x12\n\nbackground\x18\x07 \x01(\x02\"\x91\x01\n\x0e\x42\x61tchingLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x14\n\x0cmax_delay_us\x18\x02 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\"\xa1\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x66ile_sha256\x18\x04 \x01(\t\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x11\n\ttest_loss\x18\x06 \x01(\x01\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x0f\n\x07\x64\x61taset\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\'\n\x05input\x18\n \x01(\x0b\x32\x18.digits.v1.InputContract\x12\x1a\n\x12\x65xecution_provider\x18\x0b \x01(\t\x12+\n\x08\x62\x61tching\x18\x0c \x01(\x0b\x32\x19.digits.v1.BatchingLimits\x12\x1c\n\x14training_config_json\x18\r \x01(\t\x12\r\n\x05model\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\t\x12\x43\n\x10library_versions\x18\x10 \x03(\x0b\x32).digits.v1.ModelInfo.LibraryVersionsEntry\x12\x15\n\rdetector_json\x18\x11 \x01(\t\x12\x0e\n\x06worker\x18\x12 \x01(\r\x12\x0f\n\x07workers\x18\x13 \x01(\r\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xbc\x02\n\x0f\x44igitClassifier\x12\x43\n\x08\x43lassify\x12\x1a.digits.v1.ClassifyRequest\x1a\x1b.digits.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1a.digits.v1.ClassifyRequest\x1a!.digits.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.digits.v1.GetModelInfoRequest\x1a\x14.digits.v1.ModelInfo\x12I\n\nListModels\x12\x1c.digits.v1.ListModelsRequest\x1a\x1d.digits.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=266
   _globals['_PREDICTION']._serialized_end=464
   _globals['_TELEMETRY']._serialized_start=466
-  _globals['_TELEMETRY']._serialized_end=552
-  _globals['_CLASSIFYRESPONSE']._serialized_start=555
-  _globals['_CLASSIFYRESPONSE']._serialized_end=701
-  _globals['_ERROR']._serialized_start=703
-  _globals['_ERROR']._serialized_end=741
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=744
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=882
-  _globals['_GETMODELINFOREQUEST']._serialized_start=884
-  _globals['_GETMODELINFOREQUEST']._serialized_end=943
-  _globals['_LISTMODELSREQUEST']._serialized_start=945
-  _globals['_LISTMODELSREQUEST']._serialized_end=964
-  _globals['_MODELVERSIONSTATUS']._serialized_start=966
-  _globals['_MODELVERSIONSTATUS']._serialized_end=1049
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1051
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1141
-  _globals['_INPUTCONTRACT']._serialized_start=1144
-  _globals['_INPUTCONTRACT']._serialized_end=1277
-  _globals['_BATCHINGLIMITS']._serialized_start=1280
-  _globals['_BATCHINGLIMITS']._serialized_end=1425
-  _globals['_MODELINFO']._serialized_start=1428
-  _globals['_MODELINFO']._serialized_end=1940
-  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_start=1886
-  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_end=1940
-  _globals['_DIGITCLASSIFIER']._serialized_start=1943
-  _globals['_DIGITCLASSIFIER']._serialized_end=2259
+  _globals['_TELEMETRY']._serialized_end=585
+  _globals['_CLASSIFYRESPONSE']._serialized_start=588
+  _globals['_CLASSIFYRESPONSE']._serialized_end=734
+  _globals['_ERROR']._serialized_start=736
+  _globals['_ERROR']._serialized_end=774
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=777
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=915
+  _globals['_GETMODELINFOREQUEST']._serialized_start=917
+  _globals['_GETMODELINFOREQUEST']._serialized_end=976
+  _globals['_LISTMODELSREQUEST']._serialized_start=978
+  _globals['_LISTMODELSREQUEST']._serialized_end=997
+  _globals['_MODELVERSIONSTATUS']._serialized_start=999
+  _globals['_MODELVERSIONSTATUS']._serialized_end=1082
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1084
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1174
+  _globals['_INPUTCONTRACT']._serialized_start=1177
+  _globals['_INPUTCONTRACT']._serialized_end=1310
+  _globals['_BATCHINGLIMITS']._serialized_start=1313
+  _globals['_BATCHINGLIMITS']._serialized_end=1458
+  _globals['_MODELINFO']._serialized_start=1461
+  _globals['_MODELINFO']._serialized_end=2006
+  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_start=1952
+  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_end=2006
+  _globals['_DIGITCLASSIFIER']._serialized_start=2009
+  _globals['_DIGITCLASSIFIER']._serialized_end=2325
 # @@protoc_insertion_point(module_scope)

@@ -53,16 +53,20 @@ class Prediction(_message.Message):
     def __init__(self, digit: _Optional[int] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., is_digit: bool = ..., digit_score: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("batch_size", "batches", "queue_us", "compute_us")
+    __slots__ = ("batch_size", "batches", "queue_us", "compute_us", "worker", "workers")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     batches: int
     queue_us: int
     compute_us: int
-    def __init__(self, batch_size: _Optional[int] = ..., batches: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    worker: int
+    workers: int
+    def __init__(self, batch_size: _Optional[int] = ..., batches: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., worker: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("request_id", "predictions", "model_version", "telemetry")
@@ -159,7 +163,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "weights_sha256", "file_sha256", "test_accuracy", "test_loss", "labels", "dataset", "created_at", "input", "execution_provider", "batching", "training_config_json", "model", "model_version", "library_versions", "detector_json")
+    __slots__ = ("name", "version", "weights_sha256", "file_sha256", "test_accuracy", "test_loss", "labels", "dataset", "created_at", "input", "execution_provider", "batching", "training_config_json", "model", "model_version", "library_versions", "detector_json", "worker", "workers")
     class LibraryVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +188,8 @@ class ModelInfo(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIBRARY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_JSON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     weights_sha256: str
@@ -201,4 +207,6 @@ class ModelInfo(_message.Message):
     model_version: str
     library_versions: _containers.ScalarMap[str, str]
     detector_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., created_at: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., training_config_json: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., detector_json: _Optional[str] = ...) -> None: ...
+    worker: int
+    workers: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., dataset: _Optional[str] = ..., created_at: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., training_config_json: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., detector_json: _Optional[str] = ..., worker: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...

@@ -24,7 +24,7 @@ from digit_recognizer.server import logs, metrics, tracing
 from digit_recognizer.server.config import ServerConfig
 from digit_recognizer.server.dataplane import DataPlane
 from digit_recognizer.server.errors import ModelError, StartupError
-from digit_recognizer.server.http import HttpFront, build_app
+from digit_recognizer.server.http import HttpFront, HttpLimits, build_app
 from digit_recognizer.server.inference import InferenceOptions, Model
 from digit_recognizer.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from digit_recognizer.server.oip import InferenceService
@@ -41,7 +41,8 @@ from digit_recognizer.server.tracing import Tracing
 log = logging.getLogger("digit_recognizer.server")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 STOP_GRACE_S = 1.0
-MAX_STREAMS_PER_CONNECTION = 1000  # calls and streams at once on one HTTP/2 connection
+# Calls and streams at once on one HTTP/2 connection, by default (--max-streams-per-connection).
+MAX_STREAMS_PER_CONNECTION = ServerConfig.max_streams_per_connection
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -114,8 +115,13 @@ async def _start(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Unlimited by default, and grpc core then CANCELs streams opened in a burst
             # (of 10,000 idle ClassifyStreams on 10 connections, ~5,500 within 3 s; the bare
-            # floor server too). With a limit, clients queue the extra streams instead.
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # floor server too). With a limit, clients queue the extra streams instead. Low,
+            # for fairness: what one connection has in progress is work ahead of every other
+            # connection's calls on this event loop (one connection's 10,000 streams held
+            # another's calls 0.25-0.45 s at 1,000, 0.04-0.06 s at 100). Streams still
+            # allocated count too (grpc.http.overload_protection, against rapid resets), so
+            # a client that opens more than this at once sees some refused (UNAVAILABLE).
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
             *_connection_age_options(config),
         ],
     )
@@ -142,6 +148,7 @@ async def _start(
             config.host,
             config.http_port,
             reuse_port=reuse_port,
+            limits=HttpLimits(config.http_header_timeout_s, config.http_max_connections),
             ssl_context=security.ssl_context(),  # the gRPC port's TLS, unless --http-plaintext
         )
         try:
@@ -182,6 +189,7 @@ def _repository(
         control_mode=config.model_control_mode,
         load_models=config.load_model,
         honour_instance_kind=options is None,  # the probe stays on its CPU options
+        limits=config.repository_limits,
     )
 
 

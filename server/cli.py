@@ -16,6 +16,10 @@ import click
 from digit_recognizer.server.config import CONTROL_MODES, LOG_FORMATS, LOG_LEVELS, ServerConfig
 from digit_recognizer.server.cpus import available_cpus
 
+# gRPC core writes its own unformatted lines (a failed TLS handshake at INFO, for one) to
+# stderr, which breaks --log-format json; our logs say what matters. Set it to see them.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 _DEFAULTS = ServerConfig(model=Path("models/model.onnx"))
 ENV_PREFIX = "DIGITS_"
 _DEPRECATED_USED = "digits_deprecated_envvars"  # ctx.meta key: (old, new) names read
@@ -25,10 +29,11 @@ class _Option(click.Option):
     """An option read from DIGITS_<FLAG NAME>, and, with a warning, from the name click's
     auto_envvar_prefix gave it before: DIGITS_<PARAMETER NAME> (DIGITS_GRACE_S)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, had_old_name: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         old = f"{ENV_PREFIX}{(self.name or '').upper()}"
-        self.deprecated_envvar = old if old != self.envvar else None
+        # Options added since the DIGITS_<FLAG NAME> names never had the old one.
+        self.deprecated_envvar = old if had_old_name and old != self.envvar else None
 
     def resolve_envvar_value(self, ctx: click.Context) -> str | None:
         value = super().resolve_envvar_value(ctx)
@@ -122,6 +127,20 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     help="The model that calls naming none get. Default: the first name in the repository.",
 )
 @option(
+    "--max-models",
+    type=int,
+    default=_DEFAULTS.max_models,
+    help="Model versions served at once (each version of each model counts; each is a session "
+    "in memory). What serves keeps its place; more are listed UNAVAILABLE with the reason.",
+)
+@option(
+    "--max-model-bytes",
+    type=int,
+    default=_DEFAULTS.max_model_bytes,
+    help="A bigger model.onnx is refused, by its size on disk, before it is read. Loading "
+    "holds other calls ~1 ms per MB (onnxruntime keeps the GIL), so this also bounds that.",
+)
+@option(
     "--host",
     default=_DEFAULTS.host,
     help="Address to listen on ([::] = every interface, IPv4 and IPv6).",
@@ -204,6 +223,30 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     default=None,
     help="Also serve HTTP here: the draw-a-digit page at /, Open Inference Protocol REST "
     "(/v2/...) and picture upload (POST /v1/classify). Off unless given; 0 = any free port.",
+)
+@option(
+    "--http-header-timeout",
+    "http_header_timeout_s",
+    type=float,
+    default=_DEFAULTS.http_header_timeout_s,
+    had_old_name=False,
+    help="Seconds an HTTP connection has to send a request's head, from its opening or its "
+    "last response: a slow sender (slowloris) or an idle keep-alive connection is closed then.",
+)
+@option(
+    "--http-max-connections",
+    type=int,
+    default=_DEFAULTS.http_max_connections,
+    help="Open HTTP connections at most. A new one past it closes the one waiting longest "
+    "for a request's head (idle, or still sending it); if every one is mid-request, the new "
+    "one is closed.",
+)
+@option(
+    "--max-streams-per-connection",
+    type=int,
+    default=_DEFAULTS.max_streams_per_connection,
+    help="gRPC calls and streams at once on one connection (HTTP/2 streams); more are refused "
+    "(UNAVAILABLE, which clients retry), so one connection cannot starve the others.",
 )
 @option(
     "--metrics-port",

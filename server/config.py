@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from digit_recognizer.server.batcher import BatcherLimits
     from digit_recognizer.server.dataplane import RequestLimits
     from digit_recognizer.server.inference import InferenceOptions
-    from digit_recognizer.server.repository import VersionPolicy
+    from digit_recognizer.server.repository import RepositoryLimits, VersionPolicy
     from digit_recognizer.server.security import SecurityConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # logging's names; the flag takes lowercase
@@ -30,6 +30,8 @@ class ServerConfig:
     model_control_mode: str = "poll"  # none | poll | explicit (Triton's names)
     load_model: tuple[str, ...] = ()  # explicit mode: the models served at start; "*" = all
     default_model: str = ""  # what an empty model name means; "" = the first name served
+    max_models: int = 64  # model versions served at once; more are listed UNAVAILABLE
+    max_model_bytes: int = 128 << 20  # a bigger model file is refused before it is read
     host: str = "[::]"
     port: int = 50051
     provider: str = "auto"
@@ -53,6 +55,13 @@ class ServerConfig:
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"  # unauthenticated: loopback unless asked (containers do)
     http_port: int | None = None  # None: no HTTP front; 0: any free port
+    # A connection has this long to send a request's head, from its opening or its last
+    # response (slowloris); past http_max_connections the one waiting longest is closed.
+    http_header_timeout_s: float = 10.0
+    http_max_connections: int = 1000
+    # gRPC calls at once on one HTTP/2 connection: what one connection can put ahead of the
+    # others' calls (1,000 held another connection's calls 0.25-0.45 s; 128: 0.05 s).
+    max_streams_per_connection: int = 128
     grace_s: float = 20.0
     drain_delay_s: float = 0.0  # after SIGTERM, serve this long before the quiet-window logic
     reload_interval_s: float = 2.0  # how often to look for a new model file; 0 = never
@@ -101,6 +110,12 @@ class ServerConfig:
         return RequestLimits(self.max_images_per_request, self.max_message_bytes)
 
     @property
+    def repository_limits(self) -> RepositoryLimits:
+        from digit_recognizer.server.repository import RepositoryLimits
+
+        return RepositoryLimits(self.max_models, self.max_model_bytes)
+
+    @property
     def policy(self) -> VersionPolicy:
         from digit_recognizer.server.repository import VersionPolicy
 
@@ -143,7 +158,9 @@ class ServerConfig:
         # The batcher names its fields; here they are spelled as the flags the user typed.
         problems = [
             f"--{field.replace('_', '-')} {problem}"
-            for field, problem in self.batcher_limits.problems()
+            for field, problem in (
+                self.batcher_limits.problems() + self.repository_limits.problems()
+            )
         ]
         if self.model_repository is not None:
             if not self.model_repository.is_dir():
@@ -162,6 +179,19 @@ class ServerConfig:
             problems.append(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             problems.append(f"--http-port must be in 0..65535, got {self.http_port}")
+        if self.http_header_timeout_s <= 0:
+            problems.append(
+                f"--http-header-timeout must be > 0 seconds, got {self.http_header_timeout_s}"
+            )
+        if self.http_max_connections < 1:
+            problems.append(
+                f"--http-max-connections must be at least 1, got {self.http_max_connections}"
+            )
+        if self.max_streams_per_connection < 1:
+            problems.append(
+                "--max-streams-per-connection must be at least 1, got "
+                f"{self.max_streams_per_connection}"
+            )
         if self.provider not in ("auto", "cpu", "cuda"):
             problems.append(f"--provider must be auto, cpu or cuda, got {self.provider!r}")
         if self.max_images_per_request < 1:

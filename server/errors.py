@@ -3,6 +3,11 @@
 Domain code (validation, batcher, inference) raises these; the servicer turns them into a
 status with `to_status`. Anything else reaching a handler is a bug and becomes INTERNAL with
 a fixed message: details of bugs go to the log, never to callers.
+
+Messages quote what callers sent (model names, tensor names), so they are bounded: `cut` a
+name where it is quoted, and `to_status` keeps every message within MAX_MESSAGE_BYTES
+whatever was quoted (a 1 MB model name once made a 1 MB NOT_FOUND message, which gRPC
+clients refuse past 16 KB of trailers and report as RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -92,6 +97,34 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit]
 
 
+# A caller's name (model, version, tensor, parameter) as messages and logs quote it.
+MAX_NAME_CHARS = 256
+# A message as callers get it. gRPC sends it percent-encoded (up to 3 bytes a byte) in a
+# trailer, and again inside grpc-status-details-bin (with a BadRequest's description: base64,
+# 4/3): about 6 KB in all at this size, within the 8 KB that clients take without question.
+MAX_MESSAGE_BYTES = 1024
+
+
+def cut(text: str, limit: int = MAX_NAME_CHARS) -> str:
+    """Caller-supplied text as a message or a log line quotes it: at most `limit` characters,
+    then an ellipsis and the length it had."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[{len(text):,} characters in all]"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` within `limit` bytes of UTF-8: its start and its end around an ellipsis that
+    says how much was left out (what a message says last, "this server serves ...", stays)."""
+    encoded = message.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return message
+    room = limit - 50  # the marker
+    head = encoded[: room * 2 // 3].decode("utf-8", "ignore")
+    tail = encoded[len(encoded) - room // 3 :].decode("utf-8", "ignore")
+    return f"{head}…[{len(message) - len(head) - len(tail):,} characters left out]…{tail}"
+
+
 def _printable(text: str) -> str:
     """Messages may quote caller input; a lone surrogate in it must not break protobuf."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -102,14 +135,14 @@ def to_status(error: BaseException) -> Status:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=_printable(v.field), description=_printable(v.description)
+                    field=_printable(cut(v.field)), description=bounded(_printable(v.description))
                 )
                 for v in error.violations
             ]
         )
         detail = any_pb2.Any()
         detail.Pack(bad_request)
-        return Status(error.code, _printable(str(error)), [detail])
+        return Status(error.code, bounded(_printable(str(error))), [detail])
     if isinstance(error, ServingError):
-        return Status(error.code, _printable(str(error)))
+        return Status(error.code, bounded(_printable(str(error))))
     return Status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -19,14 +19,16 @@ import json
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from aiohttp import BodyPartReader, web
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
@@ -34,7 +36,8 @@ from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import model_config
 from digit_recognizer.server import openinference as oi
 from digit_recognizer.server.dataplane import Call, CallFailed, Classified, DataPlane, ServedVersion
-from digit_recognizer.server.errors import InvalidInput, Overloaded, first_line
+from digit_recognizer.server.errors import InvalidInput, Overloaded, cut, first_line
+from digit_recognizer.server.json_bodies import BINARY_HINT, JsonBodies, max_json_bytes
 from digit_recognizer.server.reader import Found, Readers
 from digit_recognizer.server.security import UNAUTHENTICATED_MESSAGE, is_open_http
 from digit_recognizer.server.tracing import HttpCall
@@ -47,7 +50,10 @@ BODY_TIMEOUT_S = 30.0  # a body trickling in slower than this is refused
 # at most MAX_CONCURRENT_DECODES at once, past them 429: the memory of uploads stays bounded.
 MAX_DECODED_BYTES = 64 << 20
 MAX_CONCURRENT_DECODES = 2
+SERVER_HEADER = "digit-recognizer"
+LOG_EVERY_S = 10.0  # at most one line this often about malformed requests or full connections
 REQUEST_TIMEOUT_S = 30.0
+SMALL_JSON_BYTES = 64 * 1024  # the repository routes' bodies: {"ready": true}, {"parameters"}
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.NOT_FOUND: 404,
@@ -70,7 +76,8 @@ def build_app(
     max_size = max(max_body, MAX_UPLOAD_BYTES)
     middlewares = [_bearer_token(token)] if token else []
     app = web.Application(
-        client_max_size=max_size, middlewares=[_json_errors, *middlewares, _body_rules]
+        client_max_size=max_size,
+        middlewares=[_in_progress, _json_errors, *middlewares, _body_rules],
     )
     app[_MAX_BODY] = max_size
     app.on_response_prepare.append(_server_header)
@@ -110,6 +117,7 @@ class _Routes:
         self._workers = workers  # --workers: the instance count the model config reports
         self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
         self._readers = Readers(MAX_CONCURRENT_DECODES)  # a decode slot each: never waits
+        self._json = JsonBodies()  # big infer bodies parsed in a worker process
 
     def observed(self, method: str, route: Route) -> Callable[[web.Request], Awaitable[Any]]:
         """The route as one observed data-plane call, answered as JSON (or as the response
@@ -216,14 +224,14 @@ class _Routes:
             name = str(item.get("name", ""))
             headers.append(oi.TensorHeader(name, str(item.get("datatype", "")), _shape(item)))
             size = _parameter(item, "binary_data_size", int)
-            if size is None:
-                values.append(_numbers(name, item.get("data", [])))
+            if size is None:  # parse_infer made "data" an array already
+                values.append(item.get("data", np.empty(0, np.float32)))
                 continue
             if "data" in item:
-                raise InvalidInput(f"input {name!r}: give data or binary_data_size, not both")
+                raise InvalidInput(f"input {cut(name)!r}: give data or binary_data_size, not both")
             if taken + size > len(binary):
                 raise InvalidInput(
-                    f"input {name!r}: binary_data_size {size} runs past the end of the "
+                    f"input {cut(name)!r}: binary_data_size {size} runs past the end of the "
                     f"{len(binary)} bytes of binary data after the JSON ({INFERENCE_HEADER})"
                 )
             values.append(binary[taken : taken + size])
@@ -327,6 +335,7 @@ class _Routes:
 
     async def close_readers(self, app: web.Application) -> None:
         self._readers.close()
+        self._json.close()
 
     async def _decoded(
         self, request: web.Request, decode: Callable[[bytes, str, int], T]
@@ -358,8 +367,11 @@ class _Routes:
                 raise InvalidInput(str(exc)) from None
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        """A small JSON object (the repository routes'): at most SMALL_JSON_BYTES, parsed
+        here (a millisecond or two)."""
+        data = await _read_body(request, SMALL_JSON_BYTES)
         async with _reading_body(request):
-            body = await request.json()
+            body = json.loads(data.decode(request.charset or "utf-8"))
         if not isinstance(body, dict):
             raise InvalidInput("the body must be a JSON object")
         return body
@@ -367,25 +379,30 @@ class _Routes:
     async def _infer_body(self, request: web.Request) -> tuple[dict[str, Any] | None, bytes]:
         """(the JSON object, the binary data after it); without INFERENCE_HEADER the body is
         all JSON, with it 0 the body is all binary (None: Triton's raw binary request)."""
+        max_images = self._plane.limits.max_images_per_request
+        limit = max_json_bytes(max_images)  # the JSON that many images can take
         declared = request.headers.get(INFERENCE_HEADER)
         if declared is None:
-            return await self._json_body(request), b""
+            data = await _read_body(request, limit)
+            return await self._json.parse(data, request.charset, max_images), b""
         length = declared.strip()
         if not (length.isascii() and length.isdigit() and len(length) <= 18):
             raise InvalidInput(
                 f"{INFERENCE_HEADER} must be the JSON's length in bytes, got {declared[:40]!r}"
             )
-        async with _reading_body(request):
-            data = await request.read()
-            if int(length) > len(data):
-                raise InvalidInput(
-                    f"{INFERENCE_HEADER} is {length} but the body holds {len(data)} bytes"
-                )
-            if int(length) == 0:
-                return None, data
-            body = json.loads(data[: int(length)])
-        if not isinstance(body, dict):
-            raise InvalidInput("the body's JSON must be an object")
+        if int(length) > limit:
+            raise InvalidInput(
+                f"{INFERENCE_HEADER} is {length}, over the {limit} bytes of JSON that "
+                f"{max_images} images can take"
+            )
+        data = await _read_body(request, None)  # within the app's limit on bodies
+        if int(length) > len(data):
+            raise InvalidInput(
+                f"{INFERENCE_HEADER} is {length} but the body holds {len(data)} bytes"
+            )
+        if int(length) == 0:
+            return None, data
+        body = await self._json.parse(data[: int(length)], request.charset, max_images)
         return body, data[int(length) :]
 
     # Explicit model control (Triton's model repository extension), behind the token.
@@ -407,6 +424,24 @@ class _Routes:
         if not isinstance(parameters, dict):
             raise InvalidInput('"parameters" must be an object')
         return list(parameters)
+
+
+async def _read_body(request: web.Request, limit: int | None) -> bytes:
+    """The whole body, refused (400) past `limit` bytes: before it is read when its length is
+    declared. None: the app's limit (client_max_size) alone."""
+    if limit is not None and (request.content_length or 0) > limit:
+        raise InvalidInput(_too_big(request.content_length or 0, limit))
+    async with _reading_body(request):
+        data = await request.read()
+    if limit is not None and len(data) > limit:
+        raise InvalidInput(_too_big(len(data), limit))
+    return data
+
+
+def _too_big(size: int, limit: int) -> str:
+    return f"the body is {size} bytes, over the {limit} this route takes; " + (
+        BINARY_HINT if limit > SMALL_JSON_BYTES else "this route takes a small JSON object"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -486,23 +521,28 @@ def _shape(item: dict[str, Any]) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and abs(d) < 2**31 for d in shape
     ):
-        raise InvalidInput(f"input {item.get('name', '')!r}: shape must be a list of integers")
+        name = cut(str(item.get("name", "")))
+        raise InvalidInput(f"input {name!r}: shape must be a list of integers")
     return tuple(shape)
 
 
-def _numbers(name: str, data: Any) -> np.ndarray:
-    """JSON numbers (nested lists allowed) -> flat float32; strings and booleans refused."""
-    try:
-        array = np.asarray(data)
-    except (ValueError, OverflowError):  # ragged lists, integers beyond any dtype
-        array = np.asarray([], dtype=object)
-    if array.dtype.kind not in "iuf" or (array.size == 0 and data not in ([], ())):
-        raise InvalidInput(f"input {name!r}: data must be a (nested) list of numbers")
-    return array.astype(np.float32).ravel()
-
-
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = "digit-recognizer"  # not aiohttp's name and version
+    response.headers["Server"] = SERVER_HEADER  # not aiohttp's name and version
+
+
+@web.middleware
+async def _in_progress(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts the connection's requests in progress: such a connection is never the one
+    closed to make room for a new one (_Connections)."""
+    connection = request.protocol
+    if not isinstance(connection, _Connection):
+        return await handler(request)
+    connection.requests += 1
+    try:
+        return await handler(request)
+    finally:
+        connection.requests -= 1
+        connection.waiting()
 
 
 _JSON_ROUTES = ("/infer", "/v2/repository/index")
@@ -518,8 +558,9 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
-        message = {404: f"no route {request.path}", 405: f"{request.method} is not allowed on "
-                   f"{request.path}"}.get(exc.status, exc.reason)  # fmt: skip
+        path = cut(request.path)  # up to 8 KB of the caller's
+        message = {404: f"no route {path}", 405: f"{request.method} is not allowed on "
+                   f"{path}"}.get(exc.status, exc.reason)  # fmt: skip
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return web.json_response({"error": message}, status=exc.status, headers=allow)
 
@@ -644,9 +685,153 @@ async def _read_upload(request: web.Request) -> tuple[str, bytes]:
     return name, bytes(data)
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """What HTTP connections may hold (--http-header-timeout, --http-max-connections)."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
+
+
+class _Throttled:
+    """One kind of WARNING at most every LOG_EVERY_S seconds, the next line counting those
+    left out: a flood of bad requests costs a line now and then, not a line each."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it in the last {LOG_EVERY_S:g} s)"
+        log.warning(message, *args)
+        self._next, self._left_out = now + LOG_EVERY_S, 0
+
+
+class _Connections:
+    """The open HTTP connections, at most `limit`. A new one past it closes the one that has
+    waited longest for a request's head (idle since its last response, or still sending a
+    head slowly); when every one is in the middle of a request, the new one is closed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # A set ordered by the time each began to wait for a request (moved to the end when
+        # a request ends): the first one not in a request is the one to close.
+        self._open: dict[_Connection, None] = {}
+        self.malformed = _Throttled()
+        self._full = _Throttled()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @property
+    def busy(self) -> int:
+        """Connections in the middle of a request."""
+        return sum(1 for connection in self._open if connection.requests)
+
+    def admit(self, new: _Connection) -> bool:
+        if len(self._open) >= self.limit:
+            oldest = next((c for c in self._open if not c.requests), None)
+            if oldest is None:
+                self._full.warning(
+                    "%d HTTP connections open (--http-max-connections), each in the middle "
+                    "of a request: a new one is closed",
+                    self.limit,
+                )
+                return False
+            self._full.warning(
+                "%d HTTP connections open (--http-max-connections): closing the one waiting "
+                "longest for a request (%.1f s)",
+                self.limit,
+                time.monotonic() - oldest.waiting_since,
+            )
+            self.discard(oldest)
+            oldest.force_close()
+        self._open[new] = None
+        return True
+
+    def discard(self, connection: _Connection) -> None:
+        self._open.pop(connection, None)
+
+    def waiting(self, connection: _Connection) -> None:
+        """`connection` begins to wait for a request again."""
+        if self._open.pop(connection, False) is None:
+            self._open[connection] = None
+
+
+class _Connection(RequestHandler):
+    """aiohttp's handler of one connection, with this server's limits. Its keep-alive timer,
+    which closes a connection that is waiting for a request when it fires, runs from the
+    opening and from each response: set to the header timeout, it is one. A request that
+    aiohttp cannot parse (a 64 KB URL or header, a bad request line) is answered like every
+    other error, in JSON with this server's Server header, and logged as one WARNING line
+    (throttled) instead of a traceback at ERROR each."""
+
+    def __init__(
+        self, manager: web.Server, connections: _Connections, header_timeout_s: float
+    ) -> None:
+        super().__init__(
+            manager,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=header_timeout_s,
+            **_HANDLER_OPTIONS,
+        )
+        self.requests = 0  # in progress (_in_progress counts them)
+        self.waiting_since = time.monotonic()  # for a request's head
+        self._connections = connections
+
+    def waiting(self) -> None:
+        """A request ended: the connection waits for the next from now."""
+        self.waiting_since = time.monotonic()
+        self._connections.waiting(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._connections.admit(self):
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:  # a route's bug (or its timeout, 504): logged in full, as aiohttp does
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            text = "internal error; the server logged the details"
+        else:  # the request could not be parsed: the caller's, one line
+            reason = ((message or "").strip() or "bad request").splitlines()[0][:200]
+            self._connections.malformed.warning(
+                "malformed HTTP request from %s: %s", request.remote, reason
+            )
+            text = f"malformed HTTP request: {reason}"
+        if request.writer.output_size > 0:  # as aiohttp's: too late for an answer
+            raise ConnectionError("the response is under way; cannot send an error instead")
+        response = web.json_response(
+            {"error": text}, status=status, headers={"Server": SERVER_HEADER}
+        )
+        response.force_close()
+        return response
+
+
+# What aiohttp's runner and every connection's handler are made with.
+_HANDLER_OPTIONS: dict[str, Any] = {"access_log": None, "auto_decompress": False}
+
+
 class HttpFront:
     """Owns the aiohttp runner; started and stopped with the gRPC server. `ssl_context`: HTTPS
-    (with client certificates when it requires them), else plain HTTP."""
+    (with client certificates when it requires them), else plain HTTP. Connections are made
+    here (_Connection), with `limits`."""
 
     def __init__(
         self,
@@ -655,12 +840,16 @@ class HttpFront:
         port: int,
         reuse_port: bool,
         ssl_context: ssl.SSLContext | None = None,
+        limits: HttpLimits = HttpLimits(),
     ) -> None:
-        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
+        self._runner = web.AppRunner(app, **_HANDLER_OPTIONS)
         self._host = host.strip("[]")
         self._port = port
         self._reuse_port = reuse_port  # --workers N share the HTTP port like the gRPC one
         self._ssl_context = ssl_context
+        self._limits = limits
+        self._listener: asyncio.AbstractServer | None = None
+        self.connections = _Connections(limits.max_connections)
         self.port = 0
 
     @property
@@ -688,9 +877,24 @@ class HttpFront:
 
     async def start(self) -> None:
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None  # made by setup()
         sock = self._listening_socket()
         self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock, ssl_context=self._ssl_context).start()
+        timeout_s = self._limits.header_timeout_s
+
+        def connection() -> _Connection:
+            return _Connection(server, self.connections, timeout_s)
+
+        # aiohttp's SockSite, with our connections; a TLS handshake gets the header timeout.
+        self._listener = await asyncio.get_running_loop().create_server(
+            connection,
+            sock=sock,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=timeout_s if self._ssl_context else None,
+        )
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         await self._runner.cleanup()

@@ -145,6 +145,7 @@ def supervise(
             port=port,
             http_port=http_port,
             workers=1,
+            instances=config.workers,
             metrics_port=None,
             intra_op_threads=threads,
         )
@@ -183,7 +184,7 @@ class _Workers:
                 receiver, sender = context.Pipe(duplex=False)
                 worker = context.Process(
                     target=run_worker,
-                    args=(config, WorkerLink(index, sender)),
+                    args=(replace(config, instance=index), WorkerLink(index, sender)),
                     name=f"worker-{index}",
                 )
                 worker.start()
@@ -263,6 +264,10 @@ def reserve_port(host: str, port: int, purpose: str, *, shared: bool = False) ->
     released at once, for the server to bind."""
     address = host.strip("[]")
     try:
+        if shared and port:
+            # SO_REUSEPORT would let this server join another one's port (same user) and take
+            # half its connections: an exclusive bind first finds anyone already there.
+            _bound_socket(address, port, shared=False).close()
         holder = _bound_socket(address, port, shared)
     except OSError as exc:
         # Imported here: this module stays light for cli.py, which takes signals through it

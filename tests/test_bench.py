@@ -101,6 +101,7 @@ def test_targets_compare_within_one_run():
             _run("default", "bulk u8", 4, 300), _run("default", "v2 bulk", 4, 110),
             _run("kserve", "single", 64, 1000, p99=90), _run("pytriton", "single", 64, 1400),
             _run("kserve", "bulk", 4, 100), _run("default", "stream", 64, 4000),
+            {**_run("default", "one client", 64, 2000), "worker_spread": 0.1},
         ],
     }  # fmt: skip
     by_name = {goal["goal"]: goal for goal in report.targets(results)}
@@ -112,7 +113,10 @@ def test_targets_compare_within_one_run():
     ] == pytest.approx(0.64)
     best_peer = by_name["64 callers, default: req/s vs best peer (pytriton)"]
     assert best_peer["value"] == pytest.approx(3000 / 1400) and best_peer["met"]
-    assert not by_name["64 callers, default: p99 ms vs that peer's p99"]["met"]  # 40 vs 10 ms
+    tail = by_name["64 callers, default: p99 vs the lowest peer p99 (pytriton), same round"]
+    assert tail["value"] == pytest.approx(4.0) and not tail["met"]  # 40 vs 10 ms
+    spread = "one client process (64 callers), default: per-worker requests, (most - fewest) / most"
+    assert by_name[spread]["met"]
     bulk = by_name["bulk Classify, 256 raw f32: images/s vs best peer's f32 (kserve)"]
     assert bulk["value"] == pytest.approx(2.5) and bulk["met"]
     assert not by_name[
@@ -150,8 +154,8 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
     assert "| goal | measured |" in (out / "bench.md").read_text()
     ours = [r for r in results["runs"] if r["key"] == "default"]
     assert {r["workload"] for r in ours} == {
-        "single", "bulk", "bulk u8", "stream", "v2", "v2 bulk", "v2 bulk u8", "v2 rest bulk",
-        "v2 rest bulk binary",
+        "single", "one client", "bulk", "bulk u8", "stream", "v2", "v2 bulk", "v2 bulk u8",
+        "v2 rest bulk", "v2 rest bulk binary",
     }  # fmt: skip
     for run_result in ours:
         assert run_result["errors"] == {} and run_result["wrong_digits"] == 0, run_result

@@ -346,3 +346,11 @@ def test_cli_sends_pictures_as_uint8(served, monkeypatch):
     assert result.exit_code == 0, result.output
     (request,) = sent
     assert len(request.pixels_u8) == 784 and not request.pixels_f32le and not request.pixels
+
+
+def test_a_negative_top_k_is_invalid_input_not_a_protobuf_error():
+    from digit_recognizer.client.client import encode
+    from digit_recognizer.client.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="top_k must be a whole number >= 0, got -1"):
+        encode(np.zeros((1, 784), np.float32), top_k=-1)

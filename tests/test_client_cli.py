@@ -231,3 +231,13 @@ def test_info_shows_the_detector_and_library_versions(served):
     assert info["detector"] == DETECTOR and info["library_versions"] == LIBRARIES
     table = run("info", "--target", served).output
     assert "threshold: 0.42" in table and "tensorflow-cpu: 2.21.0" in table
+
+
+def test_the_servers_digits_model_does_not_pick_the_clients_model(served):
+    """In the server's container DIGITS_MODEL is a file path; a client run there asked for a
+    model named like that path. The client's own variable is DIGITS_MODEL_NAME."""
+    picture = str(REPO / "examples" / "mnist-0-label7.png")
+    env = {"DIGITS_TARGET": served, "DIGITS_MODEL": "/models/model.onnx"}
+    assert run("classify", picture, env=env).exit_code == 0
+    refused = run("classify", picture, env={**env, "DIGITS_MODEL_NAME": "nope"})
+    assert refused.exit_code == 1 and "nope" in refused.output

@@ -161,6 +161,22 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(
     assert log.count("\n") == 1 and "not starting" in log, log
 
 
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+def test_a_port_another_server_shares_is_in_use_too(processes, tiny_model_path, flag):
+    """Another digit-server listens with SO_REUSEPORT: joining it would take half its
+    connections and answer with another model, so the port counts as taken."""
+    import socket
+
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        server = processes("--model", str(tiny_model_path), flag, str(port), "--workers", "2")
+        code, log = server.finish()
+    assert code == 1 and "address already in use" in log and "not starting" in log, log
+
+
 def test_json_logs_are_one_object_per_line(processes, tiny_model_path):
     import json
 

@@ -45,3 +45,8 @@ def test_the_http_path_loads_neither_grpc_nor_protobuf():
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert check.stdout.strip() == "[]", check.stdout
+
+
+def test_version():
+    done = probe("--version")
+    assert done.returncode == 0 and done.stdout.startswith("digit-probe ")

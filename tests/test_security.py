@@ -397,3 +397,20 @@ def test_unusable_pem_files_are_a_flag_problem(processes, tiny_model_path, tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "--tls-cert/--tls-key/--tls-client-ca: not a usable PEM" in result.stderr
     assert "--max-batch-size must be at least 1" in result.stderr
+
+
+@pytest.mark.parametrize("cli", ["digit_recognizer.server.cli", "digit_recognizer.client.cli"])
+def test_grpc_core_stays_quiet_unless_asked(cli):
+    """gRPC core prints unformatted lines of its own (`I1207 ... ssl_transport_security.cc
+    Handshake failed` for every plaintext caller on a TLS port), breaking --log-format json
+    and coming before the CLI's one-line errors; GRPC_VERBOSITY set by the user still wins."""
+    import os
+    import subprocess
+    import sys
+
+    show = f"import os, {cli}; print(os.environ['GRPC_VERBOSITY'])"
+    clean = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    for env, expected in ((clean, "ERROR"), ({**clean, "GRPC_VERBOSITY": "INFO"}, "INFO")):
+        done = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
+                              env=env, timeout=60)  # fmt: skip
+        assert done.stdout.strip() == expected, done.stderr

@@ -54,7 +54,8 @@ def accepted(program: str) -> tuple[set[str], set[str]]:
             if param.envvar:
                 names = [param.envvar] if isinstance(param.envvar, str) else param.envvar
                 variables.update(names)
-            elif ctx.auto_envvar_prefix and param.allow_from_autoenv and param.name:
+            # click reads the automatic name too, unless the option opts out.
+            if ctx.auto_envvar_prefix and param.allow_from_autoenv and param.name:
                 variables.add(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
     return variables, flags
 
