@@ -428,29 +428,29 @@ class DigitClient(_Base):
     def classify_many(self, images: Any, *, top_k: int = 0) -> list[Prediction]:
         """Any number of images; sent in concurrent requests of the server's size limit."""
         pixels = as_pixels(images)
-        calls = []
+        slots: list[Slot] = []  # released, whatever happens, once the calls are over
+        futures: list[Any] = []
         try:
             for chunk in _chunks(pixels, self._chunk_size()):
-                slot = self._acquire()
-                calls.append((slot, None))
-                future = slot.stub.Classify.future(
-                    self._addressed(encode(chunk, top_k)),
-                    timeout=self.timeout,
-                    metadata=self._metadata,
+                slots.append(self._acquire())
+                futures.append(
+                    slots[-1].stub.Classify.future(
+                        self._addressed(encode(chunk, top_k)),
+                        timeout=self.timeout,
+                        metadata=self._metadata,
+                    )
                 )
-                calls[-1] = (slot, future)
             predictions: list[Prediction] = []
-            for slot, future in calls:
+            for slot, future in zip(slots, futures, strict=True):
                 reply = future.result()
                 self._heard(slot, reply.telemetry)
                 predictions.extend(decode(reply))
         except grpc.RpcError as error:
-            for _, future in calls:
-                if future is not None:
-                    future.cancel()
+            for future in futures:
+                future.cancel()
             raise self._error(error) from None
         finally:
-            for slot, _ in calls:
+            for slot in slots:
                 self._release(slot)
         return predictions
 

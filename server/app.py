@@ -117,8 +117,7 @@ async def _start(
             # (of 10,000 idle ClassifyStreams on 10 connections, ~5,500 within 3 s; the bare
             # floor server too). With a limit, clients queue the extra streams instead. Low,
             # for fairness: what one connection has in progress is work ahead of every other
-            # connection's calls on this event loop (one connection's 10,000 streams held
-            # another's calls 0.25-0.45 s at 1,000, 0.04-0.06 s at 100). Streams still
+            # connection's calls on this event loop (config.py has the figures). Streams still
             # allocated count too (grpc.http.overload_protection, against rapid resets), so
             # a client that opens more than this at once sees some refused (UNAVAILABLE).
             ("grpc.max_concurrent_streams", config.max_streams_per_connection),

@@ -286,6 +286,21 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     "(hot reload); 0 = off.",
 )
 @option(
+    "--max-connection-age",
+    "max_connection_age_s",
+    type=float,
+    default=_DEFAULTS.max_connection_age_s,
+    help="Seconds before a client connection is closed (GOAWAY), so that it reconnects and may "
+    "land on another worker: long-lived connections spread again over --workers; 0 = never.",
+)
+@option(
+    "--max-connection-age-grace",
+    "max_connection_age_grace_s",
+    type=float,
+    default=_DEFAULTS.max_connection_age_grace_s,
+    help="Seconds the calls in progress on such a connection get to finish (streams included).",
+)
+@option(
     "--tls-cert",
     type=click.Path(path_type=Path),
     help="PEM certificate chain of this server (with --tls-key).",

@@ -397,7 +397,9 @@ def describe(
         platform=PLATFORM,
         backend=BACKEND,
         max_batch_size=settings.max_batch_size,
-        input=[mc.ModelInput(name=model.input_name, data_type=mc.TYPE_FP32, dims=[784])],
+        input=[
+            mc.ModelInput(name=model.input_name, data_type=mc.TYPE_FP32, dims=[PIXELS_PER_IMAGE])
+        ],
         output=[
             mc.ModelOutput(name=name, data_type=data_type, dims=list(dims) or [1])
             for name, (data_type, dims) in _output_specs(model).items()

@@ -134,7 +134,9 @@ def test_a_call_slower_than_its_timeout_is_deadline_exceeded(processes, tmp_path
     from onnx_models import slow_model
 
     model = save(slow_model(width=6144), tmp_path / "slow.onnx")  # ~0.5 s for 256 images
-    port = processes("--model", str(model), "--max-batch-size", "256").wait_serving()
+    # ~170 MB of weights: over the default --max-model-bytes, on purpose here.
+    args = ["--model", str(model), "--max-batch-size", "256", "--max-model-bytes", "300000000"]
+    port = processes(*args).wait_serving()
     images = np.stack([one_hot_image(i % 10) for i in range(256)])
     hurried = DigitClient(f"127.0.0.1:{port}", timeout=0.05)
     with hurried, pytest.raises(DeadlineExceeded):

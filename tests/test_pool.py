@@ -48,12 +48,12 @@ async def test_the_pool_reaches_both_workers_and_shares_the_calls(two_workers):
         assert await client.connect() == (0, 1)
         assert client.workers == 2 and client.open_connections == 2
         answered: Counter[int] = Counter()
-
-        async def caller() -> None:
-            for _ in range(100):
-                answered[(await client.classify(IMAGE)).telemetry.worker] += 1
-
-        await asyncio.gather(*(caller() for _ in range(4)))
+        # Waves of 8 calls at once: each goes on the connection with the fewest calls in
+        # progress, so each wave is shared out evenly whatever the workers' speed (under a
+        # steady load a slower worker gets fewer calls, on purpose: docs/performance.md).
+        for _ in range(50):
+            wave = await asyncio.gather(*(client.classify(IMAGE) for _ in range(8)))
+            answered.update(prediction.telemetry.worker for prediction in wave)
     assert set(answered) == {0, 1}, answered
     assert spread(answered) <= 0.2, answered
 
@@ -138,11 +138,12 @@ async def test_aged_connections_move_and_no_call_fails(aged_pair, monkeypatch):
         await until(lambda: len(set(peers)) >= 8, "connections closed for their age", 20)
         answered.clear()
         await until(lambda: sum(answered.values()) >= 400, "calls after the moves", 20)
+        # Connections keep moving every 0.25 s; covering brings one to each worker back.
+        await until(lambda: client.reached_workers() == (0, 1), "both workers reached", 20)
         stop.set()
         await asyncio.gather(*callers)
-        reached = client.reached_workers()
     assert errors == []
-    assert reached == (0, 1) and set(answered) == {0, 1}, (reached, answered)
+    assert set(answered) == {0, 1}, answered
 
 
 def cover(pool: Pool, where: dict[str, int], lands: list[int]) -> list[Slot]:

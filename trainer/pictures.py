@@ -522,7 +522,9 @@ class Drawing:
         if self._typed is None:
             parts = [future.result() for future in self.typed_jobs]
             self._typed = (
-                np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 784), np.float32),
+                np.concatenate([p[0] for p in parts])
+                if parts
+                else np.zeros((0, PIXELS_PER_IMAGE), np.float32),
                 np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint8),
             )
         return self._typed
