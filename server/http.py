@@ -758,8 +758,9 @@ class _Connections:
         self._open.pop(connection, None)
 
     def waiting(self, connection: _Connection) -> None:
-        """`connection` begins to wait for a request again."""
-        if self._open.pop(connection, False) is None:
+        """`connection` begins to wait for a request again: it goes last."""
+        if connection in self._open:
+            del self._open[connection]
             self._open[connection] = None
 
 

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -69,7 +70,9 @@ class JsonBodies:
             if self._pool is None:
                 # spawn: forking would copy gRPC's threads (they do not survive a fork), and
                 # the fork server is the number reader's, with its own preloads.
-                self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(
+                    1, multiprocessing.get_context("spawn"), initializer=_worker_started
+                )
             # submit() starts the worker the first time: in a thread, not on the loop.
             future = await asyncio.to_thread(
                 self._pool.submit, parse_infer, data, charset, max_images
@@ -89,6 +92,11 @@ class JsonBodies:
 
 
 # Runs in the worker (or, for small bodies, in the server).
+
+
+def _worker_started() -> None:
+    # Ctrl-C reaches the whole process group; the server alone decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def parse_infer(data: bytes, charset: str | None, max_images: int) -> dict[str, Any]:

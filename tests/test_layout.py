@@ -59,7 +59,7 @@ def test_the_wheel_is_typed_and_adds_no_generic_top_level_names(tmp_path):
     import zipfile
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
          "--disable-pip-version-check", "-w", str(tmp_path), str(REPO)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip

@@ -32,6 +32,7 @@ async def test_overload_is_refused_fast_and_nothing_accepted_is_lost(processes, 
     model = save(slow_model(width=6144), tmp_path / "slow.onnx")  # ~60 images/s
     server = processes(
         *("--model", str(model), "--max-batch-size", "2", "--max-queue-size", "8"),
+        *("--max-model-bytes", "300000000"),  # ~170 MB: a slow model on purpose
         *("--max-images-per-request", "2", "--intra-op-threads", "1"),
     )
     port = server.wait_serving()

@@ -153,14 +153,14 @@ async def test_grpc_spans_follow_the_rpc_conventions(traced_server):
     from digit_recognizer.protos import digits_pb2, digits_pb2_grpc
 
     server, exporter = traced_server
-    async with AsyncDigitClient(f"127.0.0.1:{server.port}") as client:
+    async with AsyncDigitClient(f"127.0.0.1:{server.port}", connections=1) as client:
         assert (await client.classify(one_hot_image(3))).digit == 3
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = digits_pb2_grpc.DigitClassifierStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # a value out of [0, 1]
             await stub.Classify(digits_pb2.ClassifyRequest(pixels=[2.0] * 784))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    async with AsyncDigitClient(f"127.0.0.1:{server.port}", model="nope") as client:
+    async with AsyncDigitClient(f"127.0.0.1:{server.port}", model="nope", connections=1) as client:
         with pytest.raises(DigitClientError, match="no model 'nope'"):
             await client.model_info()
     spans = _calls(exporter)
