@@ -122,6 +122,10 @@ async def _start(
             # allocated count too (grpc.http.overload_protection, against rapid resets), so
             # a client that opens more than this at once sees some refused (UNAVAILABLE).
             ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            # grpc core CANCELs calls past 1,000 waiting for the application across all
+            # connections: with the per-connection limit, connections enough would see some.
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 200_000),
             *_connection_age_options(config),
         ],
     )

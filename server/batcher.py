@@ -143,7 +143,7 @@ class _Run:
     error: Exception | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in` on the queue must not compare the images
 class _Pending:
     images: np.ndarray
     future: asyncio.Future[BatchResult]

@@ -290,6 +290,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     "max_connection_age_s",
     type=float,
     default=_DEFAULTS.max_connection_age_s,
+    had_old_name=False,
     help="Seconds before a client connection is closed (GOAWAY), so that it reconnects and may "
     "land on another worker: long-lived connections spread again over --workers; 0 = never.",
 )
@@ -298,6 +299,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     "max_connection_age_grace_s",
     type=float,
     default=_DEFAULTS.max_connection_age_grace_s,
+    had_old_name=False,
     help="Seconds the calls in progress on such a connection get to finish (streams included).",
 )
 @option(

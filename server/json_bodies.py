@@ -103,7 +103,7 @@ def parse_infer(data: bytes, charset: str | None, max_images: int) -> dict[str, 
     """An infer body's JSON object, each input's "data" made a flat float32 array. Refused
     (InvalidInput) when it is not a JSON object, when a data is not numbers, when the inputs
     hold more than `max_images` images' values, or when the rest is over MAX_REST_BYTES."""
-    body = _loads(data, charset)
+    body = loads(data, charset)
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object")
     inputs = body.get("inputs")
@@ -122,7 +122,7 @@ def parse_infer(data: bytes, charset: str | None, max_images: int) -> dict[str, 
     return body
 
 
-def _loads(data: bytes, charset: str | None) -> Any:
+def loads(data: bytes, charset: str | None) -> Any:
     """json.loads, its failures the caller's InvalidInput (as one line: never the document)."""
     try:
         return json.loads(data.decode(charset or "utf-8"))

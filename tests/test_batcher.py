@@ -308,12 +308,6 @@ async def test_a_failed_run_fails_every_caller_in_it_and_the_next_batch_works(mo
     await batcher.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/batcher.py _fail: `pending in self._queue` compares _Pending dataclasses "
-    "field by field, images included: ValueError for images of more than one value, and the "
-    "worker dies with every caller unanswered (fix: @dataclass(eq=False) on _Pending)",
-)
 async def test_a_failed_run_fails_only_its_callers_while_others_wait():
     """Images of more than one value, as every real one is (784)."""
     started, go = threading.Event(), threading.Event()

@@ -186,7 +186,7 @@ async def test_every_route_and_method_is_open_or_closed_as_the_one_table_says(
                 assert anonymous.status == 401, (method, path, anonymous.status)
                 assert "Bearer" in (await anonymous.json())["error"]
                 signed = await http.request(method, path, headers=token)
-                assert signed.status != 401, (method, path)
+                assert signed.status != 401 and signed.status < 500, (method, path, signed.status)
 
     services = [
         digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"],

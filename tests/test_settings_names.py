@@ -121,3 +121,13 @@ def test_the_check_catches_a_misspelt_variable():
     # The names the deploy files used while the server read DIGITS_GRACE_S: now both work.
     assert {"DIGITS_GRACE_PERIOD", "DIGITS_DRAIN_DELAY"} <= known
     assert "DIGITS_GRACE_PERIODS" not in known
+
+
+def test_every_server_flag_is_in_the_flag_table():
+    table = (REPO / "docs" / "server.md").read_text()
+    missing = [
+        param.opts[0]
+        for param in command("digit-server").params
+        if isinstance(param, click.Option) and f"`{param.opts[0]}" not in table
+    ]
+    assert not missing, missing
