@@ -31,6 +31,7 @@ from digit_recognizer.server.errors import (
     ModelNotFound,
     ServingError,
     Status,
+    cut,
     to_status,
 )
 from digit_recognizer.server.inference import Model
@@ -428,6 +429,7 @@ class DataPlane:
             self.tracing.finish_call(call.span, model, version, code.name)
 
     def _not_found(self, model: str, version: str) -> ModelNotFound:
+        model, version = cut(model), cut(version)  # the caller's words, echoed: bounded
         served = "; ".join(
             f"{name!r} version{'s' if len(versions) > 1 else ''} "
             + ", ".join(repr(v) for v in sorted(versions, key=_version_order))

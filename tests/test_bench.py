@@ -143,7 +143,7 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
         [
             sys.executable, "-m", "bench", "--model", str(trained_model), "--out", str(out),
             "--data-dir", str(mnist_dir), "--quick", "--no-peers", "--only", "floor",
-            "--only", "default", "--only", "one-process", "--rounds", "1", "--duration", "0.5",
+            "--only", "default", "--only", "one-process", "--rounds", "1", "--duration", "2",
             "--warmup", "0.2",
         ],
         capture_output=True, text=True, cwd=REPO, timeout=240,
@@ -159,7 +159,8 @@ def test_make_bench_quick_run_without_peers(mnist_dir, trained_model, tmp_path):
     }  # fmt: skip
     for run_result in ours:
         assert run_result["errors"] == {} and run_result["wrong_digits"] == 0, run_result
-        assert run_result["checked_replies"] > 0
+        # 2 s: a 256-image REST JSON call costs ~85 ms of server CPU, ~10x that on a busy CI box
+        assert run_result["checked_replies"] > 0, run_result["workload"]
     goals = [goal["goal"] for goal in results["targets"]]
     assert any("vs floor" in goal for goal in goals) and any("ceiling" in goal for goal in goals)
     assert "Targets" in run.stdout and "Compute ceiling" in run.stdout
