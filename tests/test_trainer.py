@@ -27,6 +27,41 @@ def test_notebook_model_shape():
     assert build_model(BEST).count_params() == 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 10250
 
 
+def test_the_default_preset_is_a_small_cnn_whose_convolutions_the_detector_shares():
+    """The detector's cost beside a convolutional classifier is two dense layers on the
+    classifier's own convolutions; beside the notebook's MLP it has convolutions of its own."""
+    import keras
+
+    from digit_recognizer.trainer.config import DEFAULT
+    from digit_recognizer.trainer.detector import PART, build_head
+    from digit_recognizer.trainer.model import build_model
+
+    def convolutions(model: keras.Model) -> list[str]:
+        return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+    cnn = build_model(DEFAULT)
+    assert convolutions(cnn) == ["conv_1", "conv_2"] and cnn.output_shape == (None, 10)
+    assert convolutions(build_head(cnn).get_layer(PART)) == []
+    mlp = build_model(replace(NOTEBOOK, hidden=(8,)))
+    assert len(convolutions(build_head(mlp).get_layer(PART))) == 2
+    assert "--conv takes at most three" in DEFAULT.__class__(conv=(8,) * 4).validate()[0]
+
+
+def test_stroke_faces_write_digits_and_a_quarter_of_them_is_held_out():
+    from digit_recognizer.client.images import to_mnist
+    from digit_recognizer.trainer import pictures as drawn
+
+    fonts, held = drawn.split_fonts(drawn.package_fonts())
+    strokes = [f for f in fonts + held if isinstance(f, drawn.StrokeFace)]
+    held_strokes = [f for f in held if isinstance(f, drawn.StrokeFace)]
+    assert len(strokes) == len(drawn.STROKE_FACES) and len(held_strokes) == len(strokes) // 4
+    assert drawn.StrokeFace("cursive") in held  # no script face seen in training is tested on
+    rng = np.random.default_rng(0)
+    picture = drawn.typed("7", drawn.StrokeFace("futuram"), rng)
+    pixels = to_mnist(picture).reshape(28, 28)
+    assert pixels.max() == 1.0 and 0.05 < (pixels > 0.5).mean() < 0.4  # a stroke, not a blob
+
+
 def test_probabilities_stay_output_0_when_the_model_has_a_detector():
     """tf2onnx orders a dict's outputs by key (digit_score first); the export puts them back."""
     from digit_recognizer.protos.contract import SCORE_NAME
@@ -54,6 +89,9 @@ def test_bad_flag_is_a_usage_error():
     assert "--hidden needs one or more positive widths" in result.output
     result = run("--optimizer", "adamax")
     assert result.exit_code == 2 and "Invalid value for '--optimizer'" in result.output
+    conv = run("--conv", "16,x", "--data-dir", "/nowhere")
+    assert conv.exit_code == 2
+    assert "--conv expects comma-separated integers like 16,32" in conv.output
     every = run("--hidden", "abc", "--epochs", "0", "--dropout", "2")
     assert every.exit_code == 2
     for problem in ("--hidden expects comma-separated integers", "--epochs must be at least 1",
@@ -160,8 +198,11 @@ def test_inspect_refuses_a_file_that_is_not_a_model(tmp_path):
 def test_default_training_reproduces_the_notebook(mnist_dir, tmp_path):
     """The full notebook recipe (5 epochs, ~40 s on 2 cores) must reach 0.976."""
     output = tmp_path / "model.onnx"
-    result = run("--data-dir", str(mnist_dir), "-o", str(output), "--no-detector")
+    result = run(
+        "--data-dir", str(mnist_dir), "-o", str(output), "--no-detector", "--preset", "notebook"
+    )
     assert result.exit_code == 0, result.output
+    assert '"conv": [], "hidden": [512]' in result.output and '"typed_digits": 0' in result.output
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
     assert card.test_accuracy >= 0.976, result.output
@@ -203,3 +244,23 @@ def test_typed_digits_can_be_mixed_into_the_classifiers_training(mnist_dir, tmp_
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
     assert card.training_config["typed_digits"] == 40 and not card.detector
+
+
+def test_the_default_preset_scales_its_typed_digits_and_conv_none_is_the_mlp(mnist_dir, tmp_path):
+    import onnx
+
+    args = ["--data-dir", str(mnist_dir), "--train-limit", "300", "--epochs", "1", "--no-detector"]
+    cnn = run(*args, "-o", str(tmp_path / "cnn.onnx"))
+    assert cnn.exit_code == 0, cnn.output
+    # One typed digit per ten MNIST images used: a --train-limit run stays quick.
+    assert '"conv": [16, 32]' in cnn.output and '"typed_digits": 30' in cnn.output
+    mlp = run(*args, "--conv", "none", "--hidden", "8", "-o", str(tmp_path / "mlp.onnx"))
+    assert mlp.exit_code == 0, mlp.output
+
+    def operators(name: str) -> set[str]:
+        return {node.op_type for node in onnx.load(str(tmp_path / name)).graph.node}
+
+    assert "Conv" in operators("cnn.onnx") and "Conv" not in operators("mlp.onnx")
+    # Another task's labels: the preset's typed digits (0-9) are left out, not an error.
+    labelled = run(*args, "--labels", "a,b,c,d,e,f,g,h,i,j", "-o", str(tmp_path / "l.onnx"))
+    assert labelled.exit_code == 0 and '"typed_digits": 0' in labelled.output, labelled.output

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from digit_recognizer.client.versions import version_option
-from digit_recognizer.protos.contract import CardError, ModelCard
+from digit_recognizer.protos.contract import DEFAULT_LABELS, CardError, ModelCard
 from digit_recognizer.trainer.config import (
     ACTIVATIONS,
     LOSSES,
@@ -62,11 +62,13 @@ class _TrainByDefault(click.Group):
 )
 @version_option("digit-train", "tensorflow-cpu|tensorflow", "keras", "tf2onnx", "onnxruntime")
 def main() -> None:
-    """Train the MNIST MLP and export it to ONNX (`digit-train [OPTIONS]`), or inspect a model.
+    """Train a digit classifier and export it to ONNX (`digit-train [OPTIONS]`), or inspect a
+    model.
 
     \b
     Examples:
-      digit-train --data-dir ../shared/mnist                 # train: the notebook + detector, ~45 s
+      digit-train --data-dir ../shared/mnist                 # train: small CNN + detector, ~1 min
+      digit-train --preset notebook --no-detector            # the seed notebook's MLP exactly
       digit-train --preset best --report reports/            # >= 99% with augmentation
       digit-train --hidden 256,256 --optimizer adam --epochs 10
       digit-train inspect models/model.onnx                  # inspect: a model's card
@@ -77,7 +79,7 @@ _FLAG_PROBLEMS = "flag problems"  # ctx.meta key: listed with the config's own p
 
 
 def _widths(
-    ctx: click.Context, _param: click.Parameter, value: str | None
+    ctx: click.Context, param: click.Parameter, value: str | None
 ) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -86,9 +88,18 @@ def _widths(
     except ValueError:
         # Not raised here: that would hide every other problem of the command line.
         ctx.meta.setdefault(_FLAG_PROBLEMS, []).append(
-            f"--hidden expects comma-separated integers like 512 or 1024,1024, got {value!r}"
+            f"--{param.name} expects comma-separated integers like "
+            f"{'16,32' if param.name == 'conv' else '512 or 1024,1024'}, got {value!r}"
         )
         return None
+
+
+def _filters(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, ...] | None:
+    if value is not None and value.strip().lower() in ("", "none"):
+        return ()
+    return _widths(ctx, param, value)
 
 
 def _names(
@@ -118,9 +129,17 @@ def _names(
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
-    default="notebook",
+    default="default",
     show_default=True,
-    help="Starting recipe; any flag below overrides it.",
+    help="Starting recipe; any flag below overrides it. notebook: the seed notebook's MLP "
+    "exactly; default: a small convolutional net that also learns typed digits; best: the "
+    "widest MLP with augmentation.",
+)
+@click.option(
+    "--conv",
+    callback=_filters,
+    help='3x3 convolution filter counts before the dense layers, e.g. 16,32; "none" for the '
+    "notebook's MLP on raw pixels.",
 )
 @click.option("--hidden", callback=_widths, help="Hidden layer widths, e.g. 512 or 1024,1024.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), help="Hidden-layer activation.")
@@ -139,7 +158,9 @@ def _names(
 @click.option(
     "--typed-digits",
     type=int,
-    help="Also train on this many typed digits drawn in the training fonts (default 0).",
+    help="Also train the classifier on this many typed digits drawn in the training fonts "
+    "(notebook: 0; default: 6000, or one per ten MNIST training images used when fewer, so "
+    "a --train-limit run stays quick).",
 )
 @click.option(
     "--labels",
@@ -196,7 +217,7 @@ def train(
     detector_pictures: int | None,
     **knobs: Any,
 ) -> None:
-    """Train the MLP (the notebook by default) and export a verified ONNX model."""
+    """Train the classifier (and its detector) and export a verified ONNX model."""
     started = time.perf_counter()
     if if_missing and output.exists():
         try:
@@ -207,6 +228,8 @@ def train(
             click.echo(f"model: {output} exists (version {existing.version}); not retraining")
             return
     config = replace(PRESETS[preset], **{k: v for k, v in knobs.items() if v is not None})
+    if knobs.get("typed_digits") is None and config.labels != DEFAULT_LABELS:
+        config = replace(config, typed_digits=0)  # the preset's typed digits are 0-9
     problems = click.get_current_context().meta.get(_FLAG_PROBLEMS, []) + config.validate()
     if problems:
         raise click.UsageError("\n".join(problems))
@@ -220,6 +243,8 @@ def train(
             dataset, x_train=dataset.x_train[:train_limit], y_train=dataset.y_train[:train_limit]
         )
     click.echo(f"data: {dataset.source} ({len(dataset.x_train)} train, {len(dataset.x_test)} test)")
+    if knobs.get("typed_digits") is None:  # the preset's count scales with the data used
+        config = replace(config, typed_digits=min(config.typed_digits, len(dataset.x_train) // 10))
     click.echo(f"config: {json.dumps(config.to_dict())}")
 
     drawing = None

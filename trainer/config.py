@@ -21,6 +21,9 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # 3x3 convolutions (filters each, every one followed by 2x2 max pooling) before the dense
+    # layers; empty: the notebook's MLP on the raw pixels.
+    conv: tuple[int, ...] = ()
     hidden: tuple[int, ...] = (512,)
     activation: str = "relu"
     dropout: float = 0.0
@@ -42,6 +45,11 @@ class TrainConfig:
     def validate(self) -> list[str]:
         """Every problem, one line each; empty when the config is usable."""
         problems = []
+        if len(self.conv) > 3 or any(filters < 1 for filters in self.conv):
+            problems.append(
+                f"--conv takes at most three positive filter counts (28x28 pools down to "
+                f"1x1 after three), got {self.conv}"
+            )
         if not self.hidden or any(width < 1 for width in self.hidden):
             problems.append(f"--hidden needs one or more positive widths, got {self.hidden}")
         if self.activation not in ACTIVATIONS:
@@ -93,4 +101,17 @@ BEST = replace(
     augment=True,
 )
 
-PRESETS = {"notebook": NOTEBOOK, "best": BEST}
+# What `digit-train` with no flags trains (docs/training.md says why): a small convolutional
+# classifier that also learns typed digits, so one served model reads photos of handwriting
+# and print alike, and whose convolutions the not-a-digit detector shares (a dense head
+# on them costs little beside the classifier).
+DEFAULT = replace(
+    NOTEBOOK,
+    conv=(16, 32),
+    hidden=(128,),
+    optimizer="adam",
+    epochs=3,
+    typed_digits=6000,
+)
+
+PRESETS = {"notebook": NOTEBOOK, "default": DEFAULT, "best": BEST}

@@ -27,9 +27,20 @@ class TrainResult:
     train_seconds: float
 
 
+FEATURES = "features"  # the convolutions' flattened output, which the detector shares
+
+
 def build_model(config: TrainConfig) -> keras.Model:
     pixels = keras.Input(shape=(PIXELS_PER_IMAGE,), name=INPUT_NAME)
     hidden = pixels
+    if config.conv:
+        hidden = keras.layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1), name="image")(hidden)
+        for i, filters in enumerate(config.conv, start=1):
+            hidden = keras.layers.Conv2D(
+                filters, 3, activation=config.activation, name=f"conv_{i}"
+            )(hidden)
+            hidden = keras.layers.MaxPooling2D(name=f"pool_{i}")(hidden)
+        hidden = keras.layers.Flatten(name=FEATURES)(hidden)
     for i, width in enumerate(config.hidden, start=1):
         hidden = keras.layers.Dense(width, activation=config.activation, name=f"hidden_{i}")(hidden)
         if config.dropout > 0:
@@ -37,7 +48,7 @@ def build_model(config: TrainConfig) -> keras.Model:
     probabilities = keras.layers.Dense(config.num_classes, activation="softmax", name=OUTPUT_NAME)(
         hidden
     )
-    model = keras.Model(pixels, probabilities, name="digits_mlp")
+    model = keras.Model(pixels, probabilities, name="digits_cnn" if config.conv else "digits_mlp")
     return model
 
 

@@ -4,18 +4,22 @@ Everything is drawn as a photo or scan would show it (dark ink on light paper, l
 28x28, off-centre, a little blur and noise) and then goes through the client's own recipe
 (`client.images.to_mnist`), so the not-a-digit detector learns from exactly what the served
 model is shown. Nothing is downloaded: the fonts are the ones matplotlib (a `[train]` dependency)
-ships inside its package plus Pillow's built-in one, never the machine's own, so every machine
-and the trainer image draw the same pictures and train the same model; the rest is MNIST and
-drawing.
+ships inside its package, Pillow's built-in one and the Hershey stroke faces of the
+hershey-fonts package (single-line glyphs: drawn with a pen of any width they look written, not
+printed), never the machine's own, so every machine and the trainer image draw the same
+pictures and train the same model; the rest is MNIST and drawing.
 
 Typed letters that look like digits in most fonts are never used as non-digits (O o Q D are
-0s, I l i j | ! are 1s, Z z 2s, S s 5s, B 8, b G 6s, g q 9s): a service that rejected a typed
-"0" for looking like an "O" would be wrong, not careful.
+0s, I l i j | ! ( ) [ ] / and backslash are 1s, Z z 2s, S s $ 5s, B 8, b G 6s, g q 9s): a
+service that rejected a typed "0" for looking like an "O" would be wrong, not careful. The
+brackets and slashes joined the list when a detector accepted them as often as it kept real
+1s: framed as MNIST frames a digit, one slanted or bowed stroke is what a written 1 is.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import importlib.metadata
 import multiprocessing
@@ -38,17 +42,34 @@ from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 # Bundled with matplotlib but not text faces: a fallback that draws every character as a box,
 # and Computer Modern's math extension and symbol faces (their ASCII code points hold symbols).
 NOT_TEXT_FONTS = ("LastResort", "cmex10", "cmsy10")
-LOOK_ALIKES = set("OoQDIlij|!ZzSsBbGgq")
+LOOK_ALIKES = set("OoQDIlij|!()[]/\\ZzSs$BbGgq")
 NON_DIGIT_GLYPHS = "".join(
     c for c in string.ascii_letters + "#$%&@*+?<>=~^/\\{}[]()" if c not in LOOK_ALIKES
 )
+# The Hershey faces with Latin letters and digits (its gothic, Greek, Cyrillic and symbol
+# faces are left out: their glyphs at ASCII code points are other alphabets or symbols).
+STROKE_FACES = ("futural", "futuram", "cursive", "scriptc", "scripts", "rowmand", "rowmans",
+                "rowmant", "timesi", "timesib", "timesr", "timesrb")  # fmt: skip
 Rng = np.random.Generator
-Font = Path | None  # None: Pillow's built-in font
 
 
-def package_fonts() -> list[Path]:
+@dataclass(frozen=True)
+class StrokeFace:
+    """A Hershey stroke face: glyphs as pen paths, drawn with a pen width of our choosing."""
+
+    face: str
+
+    @property
+    def name(self) -> str:
+        return f"hershey-{self.face}"
+
+
+Font = Path | StrokeFace | None  # None: Pillow's built-in font
+
+
+def package_fonts() -> list[Path | StrokeFace]:
     """The TrueType faces bundled in matplotlib's package that draw every Latin letter and
-    digit: the same files wherever the same `[train]` install is."""
+    digit, and the Hershey stroke faces: the same wherever the same `[train]` install is."""
     import matplotlib
     from fontTools.ttLib import TTFont  # matplotlib's own dependency
 
@@ -60,7 +81,7 @@ def package_fonts() -> list[Path]:
         with TTFont(path, lazy=True) as face:
             if needed <= set(face["cmap"].getBestCmap()):
                 usable.append(path)
-    return usable
+    return [*usable, *(StrokeFace(face) for face in STROKE_FACES)]
 
 
 def font_names(fonts: list[Font]) -> list[str]:
@@ -68,12 +89,19 @@ def font_names(fonts: list[Font]) -> list[str]:
     return [font.name if font is not None else "pillow-default" for font in fonts]
 
 
-def split_fonts(fonts: list[Path]) -> tuple[list[Font], list[Font]]:
-    """(training fonts, held-out fonts): a stable quarter of the files is held out, so the
-    figures on typed pictures are for fonts the detector never saw."""
-    held = [f for f in fonts if hashlib.sha256(f.name.encode()).digest()[0] % 4 == 0]
-    if not held and len(fonts) > 1:
-        held = fonts[-1:]
+def split_fonts(fonts: list[Path | StrokeFace]) -> tuple[list[Font], list[Font]]:
+    """(training fonts, held-out fonts): a stable quarter of the font files and of the stroke
+    faces is held out, so the figures on typed pictures are for faces the models never saw."""
+
+    def digest(font: Path | StrokeFace) -> bytes:
+        return hashlib.sha256(font.name.encode()).digest()
+
+    outlines = [f for f in fonts if not isinstance(f, StrokeFace)]
+    held: list[Path | StrokeFace] = [f for f in outlines if digest(f)[0] % 4 == 0]
+    if not held and len(outlines) > 1:
+        held = outlines[-1:]
+    strokes = sorted((f for f in fonts if isinstance(f, StrokeFace)), key=digest)
+    held += strokes[: len(strokes) // 4]
     training: list[Font] = [f for f in fonts if f not in held]
     return [None, *training], list(held) or [None]
 
@@ -99,9 +127,43 @@ def _finish(picture: Image.Image, rng: Rng) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+@functools.cache
+def _strokes_of(face: str, text: str) -> np.ndarray:
+    """The pen paths of `text` in a Hershey face: (segments, 2 ends, x/y), y pointing up."""
+    from HersheyFonts import HersheyFonts
+
+    fonts = HersheyFonts()
+    fonts.load_default_font(face)
+    fonts.normalize_rendering(100)
+    return np.array(list(fonts.lines_for_text(text)), np.float32).reshape(-1, 2, 2)
+
+
+def _written(text: str, face: StrokeFace, size: int, rng: Rng) -> Image.Image:
+    """`text` drawn along a stroke face's paths with a round pen, `size` px tall or so."""
+    segments = _strokes_of(face.face, text) * (size / 100)
+    segments[..., 1] *= -1  # image rows grow downwards
+    pen = max(2, round(size * float(rng.uniform(0.05, 0.16))))
+    margin = int(rng.integers(size // 4, size)) + pen
+    low = segments.reshape(-1, 2).min(axis=0)
+    extent = segments.reshape(-1, 2).max(axis=0) - low
+    canvas = _paper(int(extent[0]) + 2 * margin, int(extent[1]) + 2 * margin, rng)
+    draw, ink, r = ImageDraw.Draw(canvas), int(rng.integers(0, 90)), pen / 2
+    for start, end in segments - low + margin:
+        draw.line([tuple(start), tuple(end)], fill=ink, width=pen)
+        for x, y in (start, end):  # round joints: no notches where segments meet
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=ink)
+    return canvas
+
+
 def typed(text: str, font: Font, rng: Rng) -> Image.Image:
-    """`text` printed in `font` at a random size, weight and slant."""
+    """`text` printed in `font` (or written along a stroke face) at a random size, weight and
+    slant."""
     size = int(rng.integers(40, 110))
+    if isinstance(font, StrokeFace):
+        canvas = _written(text, font, size, rng)
+        angle = float(rng.uniform(-8, 8))
+        canvas = canvas.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=255)
+        return _finish(canvas, rng)
     face = _font(font, size)
     left, top, right, bottom = (int(edge) for edge in face.getbbox(text))
     margin = int(rng.integers(size // 4, size))
@@ -134,13 +196,14 @@ def photo_of(image: np.ndarray, rng: Rng) -> Image.Image:
 
 
 def scribble(rng: Rng) -> Image.Image:
-    """Strokes that are not a digit: tangles, zigzags, spirals, hatching, blobs, shapes."""
+    """Strokes that are not a digit: tangles, zigzags, spirals, hatching, blobs, shapes,
+    polygons through random points, nested outlines, smooth curves."""
     side = int(rng.integers(120, 260))
     canvas = _paper(side, side, rng)
     draw = ImageDraw.Draw(canvas)
     ink = int(rng.integers(0, 90))
     width = int(rng.integers(3, 14))
-    kind = rng.integers(0, 6)
+    kind = rng.integers(0, 9)
     low, high = side * 0.15, side * 0.85
     if kind == 0:  # a tangle of random strokes
         for _ in range(rng.integers(2, 6)):
@@ -165,6 +228,32 @@ def scribble(rng: Rng) -> Image.Image:
             x, y = rng.uniform(low, high, 2)
             r = rng.uniform(side * 0.08, side * 0.3)
             draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r], fill=ink)
+    elif kind == 6:  # a closed polygon through points around a centre, in a random order
+        count = int(rng.integers(4, 10))
+        angles = rng.uniform(0, 2 * np.pi, count)
+        radii = side * rng.uniform(0.15, 0.38, count)
+        order = rng.permutation(count) if rng.random() < 0.5 else np.argsort(angles)
+        points = [(side / 2 + radii[i] * np.cos(angles[i]), side / 2 + radii[i] * np.sin(angles[i]))
+                  for i in [*order, order[0]]]  # fmt: skip
+        draw.line(points, fill=ink, width=width, joint="curve")
+    elif kind == 7:  # outlines inside outlines: ellipses, boxes, a mix
+        c, outer = side / 2, side * rng.uniform(0.3, 0.42)
+        for r in np.linspace(outer, outer * rng.uniform(0.2, 0.5), int(rng.integers(2, 4))):
+            squash = rng.uniform(0.6, 1.0)
+            box = [c - r, c - r * squash, c + r, c + r * squash]
+            if rng.random() < 0.6:
+                draw.ellipse(box, outline=ink, width=width)
+            else:
+                draw.rectangle(box, outline=ink, width=width)
+    elif kind == 8:  # a smooth curve wandering through random points
+        anchors = rng.uniform(low, high, (int(rng.integers(4, 8)), 2))
+        t = np.linspace(0, 1, len(anchors))
+        fine = np.linspace(0, 1, 200)
+        xs, ys = np.interp(fine, t, anchors[:, 0]), np.interp(fine, t, anchors[:, 1])
+        kernel = np.hanning(41) / np.hanning(41).sum()  # rounds the corners off
+        xs = np.convolve(np.pad(xs, 20, "edge"), kernel, "valid")
+        ys = np.convolve(np.pad(ys, 20, "edge"), kernel, "valid")
+        draw.line(list(zip(xs, ys, strict=True)), fill=ink, width=width, joint="curve")
     else:  # shapes: boxes, triangles, crosses
         for _ in range(rng.integers(1, 3)):
             shape = rng.integers(0, 3)
@@ -424,7 +513,11 @@ def cache_key(subset: np.ndarray, fonts: list[Font], seed: int, count: int, type
         digest.update(f"{package} {importlib.metadata.version(package)}".encode())
     digest.update(np.ascontiguousarray(subset).tobytes())
     for font in fonts:
-        digest.update(font.read_bytes() if font is not None else b"pillow-default")
+        if isinstance(font, StrokeFace):
+            version = importlib.metadata.version("hershey-fonts")
+            digest.update(f"hershey-fonts {version} {font.face}".encode())
+        else:
+            digest.update(font.read_bytes() if font is not None else b"pillow-default")
     digest.update(f"{KINDS} {CHUNK} {seed} {count} {typed}".encode())
     return digest.hexdigest()[:24]
 
