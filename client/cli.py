@@ -267,10 +267,10 @@ def read(connect: Callable[[], DigitClient], images: tuple[str, ...], as_json: b
       digit-client read house-number.jpg
       digit-client read --json meters/ > readings.jsonl
     """
-    from digit_recognizer.client.reading import assemble, find_digits, pixels_u8
+    from digit_recognizer.client.reading import Cut, assemble, find_digits, pixels_u8
 
     failures = 0
-    found: list[tuple[str, list]] = []
+    found: list[tuple[str, Cut]] = []
     for name in _expand(images):
         try:
             source = sys.stdin.buffer.read() if name == "-" else Path(name)
@@ -278,20 +278,24 @@ def read(connect: Callable[[], DigitClient], images: tuple[str, ...], as_json: b
         except ImageError as exc:
             failures += 1
             click.echo(f"Error: {exc}", err=True)
-    everything = [piece for _, pieces in found for piece in pieces]
+    # Every piece of every picture, and the other ways to cut ambiguous ink: one request.
+    everything = [piece for _, cut in found for piece in cut.asked()]
     predictions = []
     if everything:
-        with connect() as client:  # every piece of every picture: one request
+        with connect() as client:
             predictions = client.classify_many(pixels_u8(everything))
     answers = iter(predictions)
-    readings = [(name, assemble(pieces, [next(answers) for _ in pieces])) for name, pieces in found]
+    readings = [(name, assemble(cut, [next(answers) for _ in cut.asked()])) for name, cut in found]
     for name, reading in readings:
         if as_json:
             click.echo(json.dumps({"path": name, **reading.to_dict()}))
             continue
-        line = f"{name}: {reading.text or 'no digits found'}"
-        if reading.dropped:
-            line += f"  ({len(reading.dropped)} piece(s) that are not digits left out)"
+        if reading.text:
+            line = f"{name}: {reading.text}"
+            if reading.dropped:
+                line += f"  ({len(reading.dropped)} piece(s) that are not digits left out)"
+        else:
+            line = f"{name}: no digits found" + (f" ({reading.reason})" if reading.reason else "")
         click.echo(line)
     if failures:
         sys.exit(1)

@@ -466,10 +466,11 @@ class DigitClient(_Base):
         (`pip install 'digit-recognizer[read]'`); ImageError says so when it is missing."""
         from digit_recognizer.client.reading import Reading, assemble, find_digits, pixels_u8
 
-        pieces = find_digits(source)
-        if not pieces:
-            return Reading(())
-        return assemble(pieces, self.classify_many(pixels_u8(pieces)))
+        cut = find_digits(source)
+        if not cut:
+            return Reading((), cut.not_a_number)
+        # The pieces and the other ways to cut ambiguous ink: one request, the model decides.
+        return assemble(cut, self.classify_many(pixels_u8(cut.asked())))
 
     def stream(
         self, batches: Iterable[Any], *, top_k: int = 0
@@ -675,10 +676,10 @@ class AsyncDigitClient(_Base):
         """A picture of a number: its digits found, then classified in one request."""
         from digit_recognizer.client.reading import Reading, assemble, find_digits, pixels_u8
 
-        pieces = await asyncio.to_thread(find_digits, source)
-        if not pieces:
-            return Reading(())
-        return assemble(pieces, await self.classify_many(pixels_u8(pieces)))
+        cut = await asyncio.to_thread(find_digits, source)
+        if not cut:
+            return Reading((), cut.not_a_number)
+        return assemble(cut, await self.classify_many(pixels_u8(cut.asked())))
 
     async def stream(
         self, batches: Iterable[Any] | AsyncIterator[Any], *, top_k: int = 0

@@ -31,7 +31,19 @@ MAX_WORK_SIDE = 2048
 _WORK_SIDE = 4 * BOX  # intermediate size where stroke width is measured and corrected
 _MNIST_STROKE_PX = 2.2  # typical MNIST stroke width inside the 20-pixel box
 _INK_THRESHOLD = 0.25  # after contrast normalisation, fainter pixels are background
-_MIN_CONTRAST = 0.12
+# Ink is at least this much darker than the paper around it (a share of the paper's light):
+# fainter is left-over light or a blank page.
+_MIN_CONTRAST = 0.2
+# The paper's light is estimated over windows of this share of the picture's shorter side:
+# wider than a pen stroke of any digit the picture holds.
+_PAPER_WINDOW = 0.3
+# Paper darker than this (deep shadow, or the dark side of light ink on black) is taken as
+# this dark: dividing by less would blow its noise up into ink.
+_DARKEST_PAPER = 0.3
+# The light is estimated on a copy of at most this many pixels: 256 x 256 cost 5.8 ms per
+# typed-digit picture against 3.7 (1.7 before any estimate), and 64 x 64 blurred a hard
+# shadow's edge into ink on a blank page.
+_PAPER_PIXELS = 128 * 128
 
 ImageSource = str | os.PathLike[str] | bytes | BinaryIO | Image.Image
 
@@ -211,17 +223,77 @@ def _is_mnist_style(gray: np.ndarray) -> bool:
 
 
 def _normalise(gray: np.ndarray, label: str) -> np.ndarray:
-    """Light ink on a zero background, contrast stretched to [0, 1]."""
+    """Light ink on a zero background, contrast stretched to [0, 1]. The paper's own
+    brightness is estimated at a large scale first and divided out: a shadow, a spotlight
+    or a light gradient must not turn into ink where the paper is darker."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if float(np.median(border)) > 0.5:  # dark ink on light paper: the usual photo
-        gray = 1.0 - gray
-    background = float(np.median(gray))
-    peak = float(np.percentile(gray, 99.9))
+    paper_side = gray if float(np.median(border)) > 0.5 else 1.0 - gray  # dark ink on light
+    paper = np.maximum(_paper_light(paper_side), _DARKEST_PAPER)
+    darker = np.clip((paper - paper_side) / paper, 0.0, 1.0)
+    background = float(np.median(darker))
+    peak = float(np.percentile(darker, 99.9))
     if peak - background < _MIN_CONTRAST:
         raise BlankPicture(f"{label}: no digit found (blank picture or too little contrast)")
-    ink = np.clip((gray - background) / (peak - background), 0.0, 1.0)
+    ink = np.clip((darker - background) / (peak - background), 0.0, 1.0)
     ink = np.clip((ink - _INK_THRESHOLD) / (1.0 - _INK_THRESHOLD), 0.0, 1.0)
     return ink.astype(np.float32)
+
+
+def _paper_light(gray: np.ndarray) -> np.ndarray:
+    """How light the paper is at each pixel (dark ink on light paper): a closing (the
+    largest value nearby, then the smallest of those) with a window wider than any pen
+    stroke, which keeps the light's own slopes and steps and fills the strokes in. Noise
+    would lift a closing of the raw picture by its peaks: where the closing of a smoothed
+    copy lies lower (away from steps), it is used. Computed on a copy reduced to at most
+    _PAPER_PIXELS (the light changes slowly) and enlarged back."""
+    height, width = gray.shape
+    factor = max(1, int(np.ceil(np.sqrt(height * width / _PAPER_PIXELS))))
+    small = Image.fromarray(gray.astype(np.float32), mode="F")
+    if factor > 1:
+        small = small.reduce(factor)
+    window = 2 * round(_PAPER_WINDOW * min(small.size) / 2) + 1  # odd: centred, edges stay put
+    reduced = np.asarray(small)
+    light = np.minimum(_closing(reduced, window), _closing(_box_mean(reduced, 5), window))
+    if factor == 1:
+        return light
+    enlarged = Image.fromarray(light, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(enlarged)
+
+
+def _box_mean(values: np.ndarray, size: int) -> np.ndarray:
+    """The mean over a centred `size` x `size` square (edges repeated)."""
+    for axis in (0, 1):
+        padded = np.pad(
+            values, [(size // 2, size // 2) if a == axis else (0, 0) for a in (0, 1)], "edge"
+        )
+        sums = np.cumsum(np.insert(padded, 0, 0.0, axis=axis), axis=axis, dtype=np.float64)
+        length = values.shape[axis]
+        values = (
+            np.take(sums, range(size, size + length), axis) - np.take(sums, range(length), axis)
+        ) / size
+    return values.astype(np.float32)
+
+
+def _closing(values: np.ndarray, window: int) -> np.ndarray:
+    dilated = _running(_running(values, window, 0, np.maximum), window, 1, np.maximum)
+    return _running(_running(dilated, window, 0, np.minimum), window, 1, np.minimum)
+
+
+def _running(values: np.ndarray, window: int, axis: int, pick: np.ufunc) -> np.ndarray:
+    """`pick` (np.maximum or np.minimum) over a centred `window` along `axis`, in linear
+    time whatever the window (van Herk / Gil-Werman: running extremes within blocks of
+    `window`, forwards and backwards, combined)."""
+    values = np.moveaxis(values, axis, 0)
+    length = values.shape[0]
+    before, blocks = window // 2, -(-(length + window - 1) // window)
+    edge = np.inf if pick is np.minimum else -np.inf
+    padded = np.full((blocks * window, *values.shape[1:]), edge, np.float32)
+    padded[before : before + length] = values
+    shaped = padded.reshape(blocks, window, *values.shape[1:])
+    forward = pick.accumulate(shaped, axis=1).reshape(padded.shape)
+    backward = np.flip(pick.accumulate(np.flip(shaped, 1), axis=1), 1).reshape(padded.shape)
+    result = pick(backward[:length], forward[window - 1 : window - 1 + length])
+    return np.moveaxis(result, 0, axis)
 
 
 def _bounding_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -1,10 +1,17 @@
 """Finding the digits of a written number in one picture, left to right.
 
-The ink (client.images' recipe: grey, polarity, contrast) is split into connected pieces;
-specks are dropped, pieces stacked over each other (a 5's detached bar, a 4 written in two
-strokes) are merged, and a piece much wider than the digits around it is cut where the ink is
-thinnest into as many digits as its width holds (touching digits). Each piece then becomes an
-MNIST-style 28x28 image with the same recipe as a single picture, from its own ink only.
+The ink (client.images' recipe: grey, polarity, the paper's light divided out, contrast) is
+split into connected pieces; specks, faint left-overs of uneven light and lines from one side
+of the picture to the other are dropped, pieces stacked over each other (a 5's detached bar, a
+4 written in two strokes) are merged, pieces well short of the digits join the one they lie
+over, and a piece wider than a digit is cut where the ink is thinnest into as many digits as
+its width holds, measured against the lone digits beside it (touching digits). Each piece then
+becomes an MNIST-style 28x28 image with the same recipe as a single picture, from its own ink
+only. Where the cut is in doubt (a wide piece: one wide digit or two touching ones?) the other
+ways to cut it go in the same request (`Cut.asked`) and the model's detector decides
+(`choose`). A picture whose pieces are not laid out as a number (scattered in two dimensions,
+of very different heights, lines across the picture) says so (`Cut.not_a_number`), which
+`Reading.reason` and /v1/read's "no_number" show.
 
 Bounded like every request: at most `max_pieces` pieces (TooManyPieces past it, before any
 per-piece work), and the work grows with the picture's pixels, not with the pieces squared: a
@@ -15,6 +22,7 @@ every speck with every column of specks found so far.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +52,34 @@ _FRAGMENT_INK = 0.2
 _FRAGMENT_HEIGHT = 0.6
 # Digits are narrower than tall; wider than this times the typical height is several digits.
 _MAX_DIGIT_ASPECT = 1.1
-# Touching digits sit about a height apart (their ink is dense where they meet): the
-# digits in a wide piece are counted as its width over this share of its height.
+# Touching digits sit about a height apart (their ink is dense where they meet): with no
+# lone digit to measure, the digits in a wide piece are its width over this share of its height.
 _DIGIT_PITCH = 0.9
+# Narrower than this share of the height: a "1", no measure of how wide digits are.
+_NARROW = 0.35
+# A piece this many digit widths wide (and no wider than tall) may be two touching digits:
+# the model weighs it whole and cut.
+_AMBIGUOUS_WIDTH = 1.4
+# Pieces under this share of the typical height are parts of digits, never digits.
+_SHORT = 0.45
+# A piece wider than this share of the typical height may be one wide digit or two.
+_WIDE_DIGIT = 0.85
+# A piece whose strongest ink is under this share of the typical piece's is left-over light.
+_FAINT = 0.5
+# Lines: ink spanning _SPAN of the picture's width within a band no taller than _BAND of
+# it (taller: a digit cropped tight), or a merged piece that wide cut into _LINE_DIGITS or
+# more; most of _ROW_MINIMUM or more pieces thinner than _LINE of their height and as tall
+# as _TALL of the picture.
+_SPAN = 0.9
+_BAND = 0.5
+_LINE_DIGITS = 3
+_LINE = 0.2
+_TALL = 0.9
+# A row: of at least _ROW_MINIMUM pieces, _IN_ROW cross the row's middle and are within
+# _SIMILAR_HEIGHT times the typical height.
+_ROW_MINIMUM = 3
+_IN_ROW = 0.6
+_SIMILAR_HEIGHT = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +88,41 @@ class Piece:
 
     box: tuple[int, int, int, int]  # left, top, right, bottom in the picture's own pixels
     pixels: np.ndarray  # (784,) float32, MNIST-style
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """Another way to cut the same ink: `pieces` in place of the cut's pieces from index
+    `start` to `stop` (a wide piece left whole, or a piece cut in two). The model decides
+    which reads as digits."""
+
+    start: int
+    stop: int
+    pieces: tuple[Piece, ...]
+
+
+class Cut(list[Piece]):
+    """The pieces of a picture left to right (a list, as find_digits always gave), with what
+    the reader found out about the picture as a whole: `alternatives` (other cuts of
+    ambiguous ink, to ask the model about in the same request) and `not_a_number` (why the
+    layout is no number, or None)."""
+
+    def __init__(
+        self,
+        pieces: Iterable[Piece] = (),
+        alternatives: Iterable[Alternative] = (),
+        not_a_number: str | None = None,
+    ) -> None:
+        super().__init__(pieces)
+        self.alternatives = tuple(alternatives)
+        self.not_a_number = not_a_number
+
+    def asked(self) -> list[Piece]:
+        """What one Classify request carries: the pieces, then the alternatives' pieces."""
+        return [
+            *self,
+            *(piece for alternative in self.alternatives for piece in alternative.pieces),
+        ]
 
 
 @dataclass(frozen=True)
@@ -76,20 +144,33 @@ class ReadDigit:
         }
 
 
+NOT_DIGITS = "most pieces are not digits (a texture or a scribble, not a number)"
+LINES_ACROSS = "lines run across the whole picture (a texture, a rule or a shadow's edge)"
+
+
 @dataclass(frozen=True)
 class Reading:
     """A picture read as a number: `text` is the digits left to right; pieces the model says
-    are not digits are left out of it and listed in `dropped`."""
+    are not digits are left out of it and listed in `dropped`. `reason` says why a picture
+    with pieces holds no number."""
 
     pieces: tuple[ReadDigit, ...]
+    not_a_number: str | None = None  # the layout's verdict (Cut.not_a_number)
 
     @property
     def holds_a_number(self) -> bool:
-        """Whether most pieces look like digits. A texture or a scribble cut into pieces,
-        where a few happen to pass the detector, is no number: a string of the few weak
-        digits (gravel read as "3181111") would be invented, not read."""
-        accepted = sum(p.prediction.looks_like_a_digit for p in self.pieces)
-        return accepted * 2 > len(self.pieces)
+        """Whether the pieces are laid out as a number and most look like digits. A texture
+        or a scribble cut into pieces, where a few happen to pass the detector, is no
+        number: a string of the few weak digits (gravel read as "3181111") would be
+        invented, not read."""
+        return self.reason is None
+
+    @property
+    def reason(self) -> str | None:
+        """Why there is no number (None when there is one, or when there are no pieces)."""
+        if not self.pieces:
+            return self.not_a_number
+        return self.not_a_number or _no_number([p.prediction.is_digit for p in self.pieces])
 
     @property
     def digits(self) -> tuple[ReadDigit, ...]:
@@ -112,7 +193,56 @@ class Reading:
             "text": self.text,
             "digits": [p.to_dict() for p in self.digits],
             "dropped": [p.to_dict() for p in self.dropped],
+            **({"no_number": self.reason} if self.reason else {}),
         }
+
+
+def _no_number(is_digit: Sequence[bool | None]) -> str | None:
+    """NOT_DIGITS when half or more of the pieces fail the detector (None: no detector)."""
+    accepted = sum(verdict is not False for verdict in is_digit)
+    return None if accepted * 2 > len(is_digit) else NOT_DIGITS
+
+
+Verdict = tuple[bool | None, float | None]  # (is_digit, digit_score) of one asked piece
+
+
+def choose(cut: Cut, verdicts: Sequence[Verdict]) -> tuple[list[int], str | None]:
+    """The pieces that make the reading, as indexes into `cut.asked()` left to right, and
+    why they are no number (None when they are one). `verdicts` are the model's for every
+    asked piece, or for the cut's own pieces only (then no alternative is weighed). The
+    reader's own cut stands unless the model rejects one of its pieces there and another
+    way to cut the same ink reads as digits throughout (the strongest such way: its
+    weakest piece's score highest). Only then: halves of a digit pass the detector too
+    (two strokes read as "1"s), so a cut the model accepts is never second-guessed."""
+    runs: dict[tuple[int, int], list[range]] = {}
+    if len(verdicts) == len(cut.asked()):
+        first = len(cut)
+        for alternative in cut.alternatives:
+            span = (alternative.start, alternative.stop)
+            runs.setdefault(span, []).append(range(first, first + len(alternative.pieces)))
+            first += len(alternative.pieces)
+    chosen: list[int] = []
+    at = 0
+    for (start, stop), ways in sorted(runs.items()):
+        chosen.extend(range(at, start))
+        chosen.extend(_better(verdicts, range(start, stop), ways))
+        at = stop
+    chosen.extend(range(at, len(cut)))
+    kept = [verdicts[i][0] for i in chosen]
+    return chosen, (cut.not_a_number or _no_number(kept)) if chosen else None
+
+
+def _better(verdicts: Sequence[Verdict], own: range, ways: list[range]) -> range:
+    def digits(way: range) -> bool:
+        return all(verdicts[i][0] is not False for i in way)
+
+    def weakest(way: range) -> float:
+        return min(float(verdicts[i][1] or 0.0) for i in way)
+
+    if digits(own):
+        return own
+    accepted = [way for way in ways if digits(way)]
+    return max(accepted, key=weakest) if accepted else own
 
 
 def pixels_u8(pieces: list[Piece]) -> np.ndarray:
@@ -120,7 +250,13 @@ def pixels_u8(pieces: list[Piece]) -> np.ndarray:
 
 
 def assemble(pieces: list[Piece], predictions: list[Prediction]) -> Reading:
-    return Reading(tuple(ReadDigit(p.box, pr) for p, pr in zip(pieces, predictions, strict=True)))
+    """The reading of `pieces` (a Cut, or a plain list) from the model's `predictions` for
+    each of them, or, for a Cut, for each of `cut.asked()`."""
+    cut = pieces if isinstance(pieces, Cut) else Cut(pieces)
+    asked = cut.asked() if len(predictions) != len(cut) else list(cut)
+    verdicts = [(p.is_digit, p.digit_score) for p in predictions]
+    chosen, _ = choose(cut, verdicts)
+    return Reading(tuple(ReadDigit(asked[i].box, predictions[i]) for i in chosen), cut.not_a_number)
 
 
 @dataclass
@@ -150,7 +286,7 @@ def find_digits(
     name: str | None = None,
     max_decoded_bytes: int | None = None,
     max_pieces: int = DEFAULT_MAX_PIECES,
-) -> list[Piece]:
+) -> Cut:
     """The digit-sized pieces of a picture, left to right; none for a blank picture.
     ImageError when it cannot be read, or when scipy is not installed; TooManyPieces when it
     holds more than `max_pieces` pieces of ink, or wide pieces that would cut into more."""
@@ -159,41 +295,62 @@ def find_digits(
     try:
         ink, scale = to_ink(source, label, max_decoded_bytes)
     except BlankPicture:
-        return []
+        return Cut()
     mask = ink > 0
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
     if count == 0:
-        return []
-    boxes, sizes = _pieces_of_ink(labelled, count, label, max_pieces)
+        return Cut()
+    boxes, sizes = _pieces_of_ink(labelled, ink, count, label, max_pieces)
+    if not boxes:  # every piece of ink was a line across the picture
+        return Cut(not_a_number=LINES_ACROSS)
     boxes = _merge_stacked(sorted(boxes, key=lambda b: b.left))
     boxes = _absorb_fragments(boxes, sizes)
     height = float(np.median([b.height for b in boxes]))
-    digits = sum(_digit_count(b.width, height) for b in boxes)
-    if digits > max_pieces:
-        raise _too_many(label, f"ink that cuts into {digits:,} digit-sized pieces", max_pieces)
+    pitch = _pitch(boxes, height)
+    counts = [_digit_count(b.width, height, pitch) for b in boxes]
+    if sum(counts) > max_pieces:
+        raise _too_many(label, f"ink that cuts into {sum(counts):,} digit-sized pieces", max_pieces)
     # Which box each label belongs to (0: a speck, in none): one lookup per pixel of a box.
     owner = np.zeros(count + 1, np.int32)
     for number, box in enumerate(boxes, start=1):
         owner[list(box.labels)] = number
-    pieces = []
-    for number, box in enumerate(boxes, start=1):
+    pieces: list[Piece] = []
+    alternatives: list[Alternative] = []
+    spare = max_pieces - sum(counts)  # what one request may still carry beside the pieces
+    for number, (box, digits) in enumerate(zip(boxes, counts, strict=True), start=1):
         # The box's own ink only (a neighbour's stroke may reach into it), within the box:
         # masking the whole picture per box would cost a full pass each.
         window = (slice(box.top, box.bottom), slice(box.left, box.right))
         own = np.where(owner[labelled[window]] == number, ink[window], 0.0)
-        for left, right in _cuts(own, height):
-            crop = own[:, left:right]
-            if not crop.any():
-                continue
-            rows = np.flatnonzero(crop.any(axis=1))
-            top, bottom = box.top + int(rows[0]), box.top + int(rows[-1]) + 1
-            picture_box = (
-                round((box.left + left) * scale),
-                round(top * scale),
-                round((box.left + right) * scale),
-                round(bottom * scale),
-            )
-            pieces.append(Piece(picture_box, frame(crop[rows[0] : rows[-1] + 1])))
+        start = len(pieces)
+        pieces.extend(_pieces(own, box, _cuts(own, digits), scale))
+        for other in _other_counts(box.width, height, pitch, digits):
+            if other > spare:
+                break  # the request would be refused: the reader's own cut alone
+            cut = tuple(_pieces(own, box, _cuts(own, other), scale))
+            alternatives.append(Alternative(start, len(pieces), cut))
+            spare -= len(cut)
+    return Cut(pieces, alternatives, _layout(boxes, counts, pieces, ink.shape, scale))
+
+
+def _pieces(
+    own: np.ndarray, box: _Box, columns: list[tuple[int, int]], scale: float
+) -> list[Piece]:
+    """The pieces of one box's ink cut at `columns`, each cropped to its ink."""
+    pieces = []
+    for left, right in columns:
+        crop = own[:, left:right]
+        if not crop.any():
+            continue
+        rows = np.flatnonzero(crop.any(axis=1))
+        top, bottom = box.top + int(rows[0]), box.top + int(rows[-1]) + 1
+        picture_box = (
+            round((box.left + left) * scale),
+            round(top * scale),
+            round((box.left + right) * scale),
+            round(bottom * scale),
+        )
+        pieces.append(Piece(picture_box, frame(crop[rows[0] : rows[-1] + 1])))
     return pieces
 
 
@@ -206,7 +363,7 @@ def _too_many(label: str, found: str, limit: int) -> TooManyPieces:
 
 
 def _pieces_of_ink(
-    labelled: np.ndarray, count: int, label: str, max_pieces: int
+    labelled: np.ndarray, ink: np.ndarray, count: int, label: str, max_pieces: int
 ) -> tuple[list[_Box], np.ndarray]:
     """The labelled pieces that are not specks (TooManyPieces past `max_pieces`), and every
     label's ink in pixels. Computed over arrays, one pass over the ink: a Python object per
@@ -222,17 +379,26 @@ def _pieces_of_ink(
     np.minimum.at(left, index, cols)
     right = np.zeros(count, np.intp)
     np.maximum.at(right, index, cols)
+    peaks = np.zeros(count, np.float32)
+    np.maximum.at(peaks, index, ink[rows, cols])
     heights = bottom + 1 - top
     tallest, total = int(heights.max()), float(sizes.sum())
     # A speck is short beside the tallest piece and holds little of the ink. When the tallest
     # piece is itself a speck (a picture of dots), every dot passes: the caller's limit on
     # pieces refuses such a picture.
-    kept = np.flatnonzero((heights >= _SPECK_HEIGHT * tallest) | (sizes >= _SPECK_INK * total))
-    if len(kept) > max_pieces:
-        raise _too_many(label, f"{len(kept):,} pieces of ink", max_pieces)
+    kept = (heights >= _SPECK_HEIGHT * tallest) | (sizes >= _SPECK_INK * total)
+    # Ink from one side of the picture to the other, in a band of it, is a line (a rule, a
+    # shadow's edge, a stripe or grain of a texture): no digit reaches that far.
+    kept &= (right + 1 - left < _SPAN * labelled.shape[1]) | (heights > _BAND * labelled.shape[0])
+    # Faint pieces beside strong ones are what is left of uneven light, not a pen's stroke.
+    if kept.any():
+        kept &= peaks >= _FAINT * float(np.median(peaks[kept]))
+    chosen = np.flatnonzero(kept)
+    if len(chosen) > max_pieces:
+        raise _too_many(label, f"{len(chosen):,} pieces of ink", max_pieces)
     boxes = [
         _Box(int(left[i]), int(top[i]), int(right[i]) + 1, int(bottom[i]) + 1, {int(i) + 1})
-        for i in kept
+        for i in chosen
     ]
     return boxes, sizes
 
@@ -266,39 +432,76 @@ def _merge_stacked(boxes: list[_Box]) -> list[_Box]:
 
 
 def _absorb_fragments(boxes: list[_Box], sizes: np.ndarray) -> list[_Box]:
-    """Small, short pieces beside a digit (a stroke the pen was lifted from) join the nearest
-    piece instead of counting as digits. A "1" is short of ink but full height: it stays."""
+    """Pieces well short of the digits (a 5's bar reaching past its body, the end of a
+    stroke the pen was lifted from, a faint break in a stroke), and small short ones, join
+    the piece they lie over, or else the nearest, instead of counting as digits; one further
+    than a digit's height from every digit is dropped. A "1" is short of ink but full
+    height: it stays."""
     if len(boxes) < 2:
         return boxes
     ink = [float(sum(sizes[label - 1] for label in b.labels)) for b in boxes]
     typical_ink, typical_height = float(np.median(ink)), float(np.median([b.height for b in boxes]))
 
     def fragment(box: _Box, amount: float) -> bool:
-        return (
+        small = (
             amount < _FRAGMENT_INK * typical_ink and box.height < _FRAGMENT_HEIGHT * typical_height
         )
+        return small or box.height < _SHORT * typical_height
 
     kept = [b for b, amount in zip(boxes, ink, strict=True) if not fragment(b, amount)]
     if not kept:
         return boxes
-    # The kept boxes' edges as arrays: the nearest one (the first of equals, as min() picks)
-    # in one vectorised step per fragment; edges move as fragments join.
+    # The kept boxes' edges as arrays: the one overlapping most (or nearest) in one
+    # vectorised step per fragment; edges move as fragments join.
     lefts = np.array([k.left for k in kept])
     rights = np.array([k.right for k in kept])
     for box, amount in zip(boxes, ink, strict=True):
         if fragment(box, amount):
-            gaps = np.maximum(0, np.maximum(lefts - box.right, box.left - rights))
-            nearest = int(np.argmin(gaps))
+            # Overlap when positive, minus the gap otherwise.
+            reach = np.minimum(rights, box.right) - np.maximum(lefts, box.left)
+            nearest = int(np.argmax(reach))
+            if reach[nearest] < -typical_height:
+                continue
             kept[nearest].absorb(box)
             lefts[nearest], rights[nearest] = kept[nearest].left, kept[nearest].right
     return kept
 
 
-def _cuts(ink: np.ndarray, height: float) -> list[tuple[int, int]]:
-    """Column ranges of the digits in one piece: the whole piece, or, when it is too wide
-    for one digit, cuts at the thinnest ink near evenly spaced positions."""
+def _pitch(boxes: list[_Box], height: float) -> float:
+    """How far apart the digits of this picture sit: the typical width of its pieces that
+    are one digit each (full height, neither a narrow "1" nor wider than tall), or, when
+    there is none, _DIGIT_PITCH of their height."""
+    single = [
+        b.width
+        for b in boxes
+        if b.height >= _FRAGMENT_HEIGHT * height and _NARROW * height <= b.width <= height
+    ]
+    return float(np.median(single)) if single else _DIGIT_PITCH * height
+
+
+def _digit_count(width: int, height: float, pitch: float) -> int:
+    """How many digits a piece this wide holds, among digits this tall this far apart: one
+    unless it is wider than a digit is tall."""
+    if width <= _MAX_DIGIT_ASPECT * height:
+        return 1
+    return max(1, round(width / pitch))
+
+
+def _other_counts(width: int, height: float, pitch: float, digits: int) -> list[int]:
+    """Other ways a piece may be cut, for the model to weigh: a digit fewer or more, and
+    whole, when cut; in two, when it is one piece wide for a digit (a lone wide piece may
+    be one wide digit, or two touching)."""
+    if digits > 1:
+        return sorted({1, digits - 1, digits + 1} - {digits})
+    if width > _AMBIGUOUS_WIDTH * pitch or width > _WIDE_DIGIT * height:
+        return [2]
+    return []
+
+
+def _cuts(ink: np.ndarray, digits: int) -> list[tuple[int, int]]:
+    """Column ranges of `digits` digits in one piece: the whole piece, or cuts at the
+    thinnest ink near evenly spaced positions."""
     width = ink.shape[1]
-    digits = _digit_count(width, height)
     if digits == 1:
         return [(0, width)]
     column_ink = ink.sum(axis=0)
@@ -314,8 +517,33 @@ def _cuts(ink: np.ndarray, height: float) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def _digit_count(width: int, height: float) -> int:
-    """How many digits a piece this wide holds, among digits this tall."""
-    if width <= _MAX_DIGIT_ASPECT * height:
-        return 1
-    return max(2, round(width / (_DIGIT_PITCH * height)))
+def _layout(
+    boxes: list[_Box],
+    counts: list[int],
+    pieces: list[Piece],
+    shape: tuple[int, ...],
+    scale: float,
+) -> str | None:
+    """Why these pieces are not laid out as a number, or None. A number is a row of
+    digit-sized pieces of similar height sharing a band across the row: ink that runs
+    across the whole picture is a line (a texture, a rule, a shadow's edge), pieces that
+    do not share a band are scattered in two dimensions (dots, gravel)."""
+    for box, digits in zip(boxes, counts, strict=True):
+        if digits >= _LINE_DIGITS and box.width >= _SPAN * shape[1]:
+            return LINES_ACROSS
+    if len(pieces) < _ROW_MINIMUM:
+        return None
+    lines = [b.height >= _TALL * shape[0] and b.width < _LINE * b.height for b in boxes]
+    if np.mean(lines) >= _IN_ROW:
+        return "lines run across the whole picture's height (a texture or a pattern)"
+    tops = np.array([p.box[1] for p in pieces], np.float64) / scale
+    bottoms = np.array([p.box[3] for p in pieces], np.float64) / scale
+    band = float(np.median((tops + bottoms) / 2))
+    if np.mean((tops <= band) & (band <= bottoms)) < _IN_ROW:
+        return "the pieces are scattered over the picture, not written in a row"
+    heights = bottoms - tops
+    typical = float(np.median(heights))
+    similar = (heights >= typical / _SIMILAR_HEIGHT) & (heights <= typical * _SIMILAR_HEIGHT)
+    if np.mean(similar) < _IN_ROW:
+        return "the pieces differ too much in height to be the digits of a number"
+    return None

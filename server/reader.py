@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from digit_recognizer.client.errors import ImageError
-from digit_recognizer.client.reading import Piece, find_digits
+from digit_recognizer.client.reading import Cut, find_digits
 from digit_recognizer.server.errors import Expired, ServingError
 
 # Seconds one read may take in its worker (a --read-timeout-s flag would set it). The
@@ -165,10 +165,11 @@ class Job:
 
 @dataclass(frozen=True)
 class Found:
-    """A picture's pieces, and each one's pixels as the JSON of the HTTP answer (rounded to
-    3 places): written here, off the server's event loop."""
+    """A picture's pieces (with the other ways to cut it and its layout's verdict), and the
+    pixels of each piece a Classify asks about (`pieces.asked()`) as the JSON of the HTTP
+    answer (rounded to 3 places): written here, off the server's event loop."""
 
-    pieces: list[Piece]
+    pieces: Cut
     pixels_json: list[str]
 
 
@@ -197,9 +198,9 @@ def serve(connection: Connection) -> None:
 
 def run(job: Job) -> Reply:
     try:
-        pieces = find_digits(job.data, job.name, job.max_decoded_bytes, job.max_pieces)
-        shown = np.round([piece.pixels.astype(np.float64) for piece in pieces], 3)
-        return Found(pieces, [json.dumps(row) for row in shown.tolist()])
+        cut = find_digits(job.data, job.name, job.max_decoded_bytes, job.max_pieces)
+        shown = np.round([piece.pixels.astype(np.float64) for piece in cut.asked()], 3)
+        return Found(cut, [json.dumps(row) for row in shown.tolist()])
     except ImageError as exc:
         return exc
     except Exception:

@@ -233,3 +233,27 @@ def test_thin_pen_strokes_are_thickened_to_mnist_width():
     # A 3-pixel pen on 400 pixels would be a hairline at 20: 18 inked pixels unthickened;
     # MNIST's strokes are ~2 pixels wide, so about three times that.
     assert int((pixels > 0.5).sum()) >= 40
+
+
+def in_shade(picture: Image.Image, from_column: int, light: float = 0.5) -> Image.Image:
+    """The picture with everything right of `from_column` in shadow: paper and ink alike get
+    `light` of the light (a hand or a phone between the lamp and the page)."""
+    pixels = np.asarray(picture, np.float32).copy()
+    pixels[:, from_column:] *= light
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_a_blank_page_half_in_shadow_is_blank():
+    page = in_shade(Image.new("L", (300, 200), 235), 170)
+    with pytest.raises(ImageError, match="no digit found"):
+        to_mnist(page)
+
+
+def test_a_shadow_across_the_page_does_not_become_ink():
+    """A "1" on a page whose right half is in shadow: the same digit as in full light, not
+    a bar beside a dark block (the shadow taken for ink as dark as the pen's)."""
+    lit = to_mnist(bar_digit())
+    for edge in (120, 150):  # the shadow's edge beside the bar, and across it
+        shaded = to_mnist(in_shade(bar_digit(), edge))
+        assert_mnist_like(shaded)
+        assert np.corrcoef(shaded, lit)[0, 1] > 0.9

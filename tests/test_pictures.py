@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from digit_recognizer.client import AsyncDigitClient, find_digits
 from digit_recognizer.client.cli import main as client_main
+from digit_recognizer.client.reading import Alternative, Cut, Piece, choose
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc, inference_pb2_grpc
 from digit_recognizer.protos import inference_pb2 as v2
 from digit_recognizer.protos.contract import SCORE_NAME, ModelCard
@@ -77,6 +78,69 @@ def test_a_digit_with_a_broken_stroke_is_one_piece():
     draw.line([(92, 68), (88, 120)], fill=0, width=14)
     draw.arc([(70, 100), (190, 210)], start=200, end=160, fill=0, width=14)
     assert len(find_digits(paper)) == 1
+
+
+def in_uneven_light(picture: Image.Image) -> Image.Image:
+    """The picture under a lamp that leaves a soft dark patch low on the left, over the
+    first digits (paper and ink alike get less light)."""
+    pixels = np.asarray(picture, np.float32)
+    height, width = pixels.shape
+    y, x = np.mgrid[:height, :width]
+    patch = ((x - 0.3 * width) / (0.12 * width)) ** 2 + ((y - 0.8 * height) / (0.25 * height)) ** 2
+    return Image.fromarray((pixels * (1 - 0.4 * np.exp(-patch))).astype(np.uint8))
+
+
+def test_uneven_light_makes_no_pieces_of_its_own(mnist):
+    pieces = find_digits(in_uneven_light(number(mnist, [2, 0, 2, 6], 6)))
+    assert len(pieces) == 4
+    assert all(bottom - top < 120 for _, top, _, bottom in (p.box for p in pieces))
+
+
+def wide_zero() -> Image.Image:
+    """A "0" in a wide face, 1.3 times as wide as tall: one digit, alone."""
+    paper = Image.new("L", (300, 200), 250)
+    ImageDraw.Draw(paper).ellipse([50, 50, 180, 150], outline=20, width=14)
+    return paper
+
+
+def test_a_wide_digit_alone_is_one_piece():
+    (piece,) = find_digits(wide_zero())
+    assert piece.box[2] - piece.box[0] > piece.box[3] - piece.box[1]
+
+
+def scattered_dots() -> Image.Image:
+    paper = Image.new("L", (300, 300), 245)
+    draw, rng = ImageDraw.Draw(paper), np.random.default_rng(0)
+    for _ in range(25):
+        (x, y), r = rng.uniform(20, 280, 2), rng.uniform(6, 14)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=30)
+    return paper
+
+
+def wavy_line() -> Image.Image:
+    paper = Image.new("L", (400, 160), 245)
+    xs = np.linspace(0, 400, 200)
+    ImageDraw.Draw(paper).line(list(zip(xs, 80 + 25 * np.sin(xs / 30), strict=True)), 20, 10)
+    return paper
+
+
+def test_ink_not_laid_out_as_a_number_says_why(mnist):
+    assert "scattered" in find_digits(scattered_dots()).not_a_number
+    assert "lines run across" in find_digits(wavy_line()).not_a_number
+    assert find_digits(number(mnist, [2, 0, 2, 6], -4)).not_a_number is None
+
+
+def test_the_model_decides_how_ambiguous_ink_is_cut():
+    """Pieces 1-2 are a wide piece the reader cut in two; the alternative leaves it whole."""
+    piece = Piece((0, 0, 1, 1), np.zeros(784, np.float32))
+    cut = Cut([piece, piece, piece], [Alternative(1, 3, (piece,))])
+    assert len(cut.asked()) == 4
+    # Half of the cut fails the detector, whole it is a digit: whole.
+    assert choose(cut, [(True, 0.9), (True, 0.8), (False, 0.1), (True, 0.7)]) == ([0, 3], None)
+    # A cut the model accepts stands, however strong the other way.
+    assert choose(cut, [(True, 0.9), (True, 0.6), (True, 0.6), (True, 0.99)])[0] == [0, 1, 2]
+    # Verdicts for the reader's own pieces only (a caller that did not ask): its cut.
+    assert choose(cut, [(True, 0.9), (True, 0.8), (False, 0.1)])[0] == [0, 1, 2]
 
 
 def letter_among_digits(mnist) -> Image.Image:
@@ -175,6 +239,29 @@ async def test_reading_a_number_is_one_request_and_leaves_out_what_is_not_a_digi
         blank = await http.post("/v1/read", data=tmp_png(Image.new("L", (300, 200), 250)))
         assert garbage.status == 400 and "not an image" in (await garbage.json())["error"]
         assert blank.status == 200 and (await blank.json())["text"] == ""
+
+
+async def test_every_reader_says_why_a_picture_holds_no_number(
+    start_server, trained_model, tmp_path
+):
+    server = await start_server(trained_model, http_port=0)
+    async with AsyncDigitClient(f"127.0.0.1:{server.port}") as client:
+        reading = await client.read(scattered_dots())
+    assert reading.text == "" and "scattered" in reading.reason
+    assert reading.to_dict()["no_number"] == reading.reason
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http:
+        read = await (await http.post("/v1/read", data=tmp_png(scattered_dots()))).json()
+    assert read["text"] == "" and read["no_number"] == reading.reason
+    assert len(read["dropped"]) == len(reading.dropped) and not read["digits"]
+    dots = tmp_path / "dots.png"
+    scattered_dots().save(dots)
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    text = await asyncio.to_thread(CliRunner().invoke, client_main, ["read", str(dots), *target])
+    assert text.output == f"{dots}: no digits found ({reading.reason})\n", text.output
+    as_json = await asyncio.to_thread(
+        CliRunner().invoke, client_main, ["read", "--json", str(dots), *target]
+    )
+    assert json.loads(as_json.output)["no_number"] == reading.reason
 
 
 def tmp_png(picture: Image.Image) -> bytes:
@@ -292,3 +379,19 @@ def test_typed_digits_for_the_classifier_come_with_their_labels(mnist):
     assert pixels.shape == (30, 784) and labels.shape == (30,)
     assert set(labels) <= set(range(10)) and len(set(labels)) > 3
     assert not drawing.jobs  # no detector pictures were asked for
+
+
+def ruled(picture: Image.Image, gap: int = 180) -> Image.Image:
+    """The picture on ruled paper: grey lines from edge to edge every `gap` pixels (the
+    number written between two of them)."""
+    pixels = np.asarray(picture).copy()
+    pixels[gap // 8 :: gap] = np.minimum(pixels[gap // 8 :: gap], 120)
+    return Image.fromarray(pixels)
+
+
+def test_lines_across_the_picture_are_not_digits(mnist):
+    """Rules of the paper, and a texture of nothing but lines: no pieces, and a reason."""
+    written = ruled(number(mnist, [2, 0, 2, 6], 8))
+    assert len(find_digits(written)) == 4
+    blank = find_digits(ruled(Image.new("L", (300, 200), 250), gap=30))
+    assert not blank and "lines run across" in blank.not_a_number
