@@ -75,6 +75,8 @@ _BAND = 0.5
 _LINE_DIGITS = 3
 _LINE = 0.2
 _TALL = 0.9
+# Pixels from the picture's top and bottom edges within which a piece touches them.
+_EDGE = 1
 # A row: of at least _ROW_MINIMUM pieces, _IN_ROW cross the row's middle and are within
 # _SIMILAR_HEIGHT times the typical height.
 _ROW_MINIMUM = 3
@@ -146,6 +148,10 @@ class ReadDigit:
 
 NOT_DIGITS = "most pieces are not digits (a texture or a scribble, not a number)"
 LINES_ACROSS = "lines run across the whole picture (a texture, a rule or a shadow's edge)"
+EDGE_TO_EDGE = (
+    "the ink runs from the picture's top edge to its bottom edge (a pattern, or a crop "
+    "through the digits: leave some paper around them)"
+)
 
 
 @dataclass(frozen=True)
@@ -536,6 +542,11 @@ def _layout(
     lines = [b.height >= _TALL * shape[0] and b.width < _LINE * b.height for b in boxes]
     if np.mean(lines) >= _IN_ROW:
         return "lines run across the whole picture's height (a texture or a pattern)"
+    # Digits on paper have paper above and below them; bands from edge to edge are a pattern
+    # (wood grain read as "1111" before) or a crop through the ink.
+    edge_to_edge = [b.top <= _EDGE and b.bottom >= shape[0] - _EDGE for b in boxes]
+    if np.mean(edge_to_edge) >= _IN_ROW:
+        return EDGE_TO_EDGE
     tops = np.array([p.box[1] for p in pieces], np.float64) / scale
     bottoms = np.array([p.box[3] for p in pieces], np.float64) / scale
     band = float(np.median((tops + bottoms) / 2))

@@ -395,3 +395,16 @@ def test_lines_across_the_picture_are_not_digits(mnist):
     assert len(find_digits(written)) == 4
     blank = find_digits(ruled(Image.new("L", (300, 200), 250), gap=30))
     assert not blank and "lines run across" in blank.not_a_number
+
+
+def test_bands_from_edge_to_edge_are_no_number(mnist):
+    """Wood grain (full-height bands, each as wide as a digit) once read as "1111"; the same
+    digits with paper above and below them still read."""
+    from digit_recognizer.client.reading import EDGE_TO_EDGE
+
+    y, x = np.mgrid[:180, :240]
+    grain = 140 + 60 * np.sign(np.sin(x / 9 + 2 * np.sin(y / 30)))
+    bands = find_digits(Image.fromarray(grain.astype(np.uint8)))
+    assert bands.not_a_number == EDGE_TO_EDGE
+    written = find_digits(number(mnist, [2, 0, 2, 6], 8))
+    assert len(written) == 4 and written.not_a_number is None

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -128,14 +129,21 @@ def _finish(picture: Image.Image, rng: Rng) -> Image.Image:
 
 
 @functools.cache
-def _strokes_of(face: str, text: str) -> np.ndarray:
-    """The pen paths of `text` in a Hershey face: (segments, 2 ends, x/y), y pointing up."""
+def _stroke_face(face: str) -> Any:
+    """A loaded Hershey face (loading decompresses the package's font data: ~10 ms)."""
     from HersheyFonts import HersheyFonts
 
     fonts = HersheyFonts()
     fonts.load_default_font(face)
     fonts.normalize_rendering(100)
-    return np.array(list(fonts.lines_for_text(text)), np.float32).reshape(-1, 2, 2)
+    return fonts
+
+
+@functools.cache
+def _strokes_of(face: str, text: str) -> np.ndarray:
+    """The pen paths of `text` in a Hershey face: (segments, 2 ends, x/y), y pointing up."""
+    lines = list(_stroke_face(face).lines_for_text(text))
+    return np.array(lines, np.float32).reshape(-1, 2, 2)
 
 
 def _written(text: str, face: StrokeFace, size: int, rng: Rng) -> Image.Image:
