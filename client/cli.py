@@ -295,7 +295,7 @@ def read(connect: Callable[[], DigitClient], images: tuple[str, ...], as_json: b
             if reading.dropped:
                 line += f"  ({len(reading.dropped)} piece(s) that are not digits left out)"
         else:
-            line = f"{name}: no digits found" + (f" ({reading.reason})" if reading.reason else "")
+            line = f"{name}: no digits found" + (f", {reading.reason}" if reading.reason else "")
         click.echo(line)
     if failures:
         sys.exit(1)

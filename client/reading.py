@@ -146,6 +146,7 @@ class ReadDigit:
         }
 
 
+BLANK = "the picture is blank or has too little contrast"
 NOT_DIGITS = "most pieces are not digits (a texture or a scribble, not a number)"
 LINES_ACROSS = "lines run across the whole picture (a texture, a rule or a shadow's edge)"
 EDGE_TO_EDGE = (
@@ -221,7 +222,9 @@ def choose(cut: Cut, verdicts: Sequence[Verdict]) -> tuple[list[int], str | None
     weakest piece's score highest). Only then: halves of a digit pass the detector too
     (two strokes read as "1"s), so a cut the model accepts is never second-guessed."""
     runs: dict[tuple[int, int], list[range]] = {}
-    if len(verdicts) == len(cut.asked()):
+    # A picture of one piece the model rejects is one thing that is not a digit: cut in
+    # two, a typed "A" read as "11" (each half a confident stroke of a 1).
+    if len(cut) > 1 and len(verdicts) == len(cut.asked()):
         first = len(cut)
         for alternative in cut.alternatives:
             span = (alternative.start, alternative.stop)
@@ -301,11 +304,11 @@ def find_digits(
     try:
         ink, scale = to_ink(source, label, max_decoded_bytes)
     except BlankPicture:
-        return Cut()
+        return Cut(not_a_number=BLANK)
     mask = ink > 0
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
     if count == 0:
-        return Cut()
+        return Cut(not_a_number=BLANK)
     boxes, sizes = _pieces_of_ink(labelled, ink, count, label, max_pieces)
     if not boxes:  # every piece of ink was a line across the picture
         return Cut(not_a_number=LINES_ACROSS)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from digit_recognizer.client import AsyncDigitClient, find_digits
 from digit_recognizer.client.cli import main as client_main
-from digit_recognizer.client.reading import Alternative, Cut, Piece, choose
+from digit_recognizer.client.reading import NOT_DIGITS, Alternative, Cut, Piece, choose
 from digit_recognizer.protos import digits_pb2, digits_pb2_grpc, inference_pb2_grpc
 from digit_recognizer.protos import inference_pb2 as v2
 from digit_recognizer.protos.contract import SCORE_NAME, ModelCard
@@ -141,6 +141,10 @@ def test_the_model_decides_how_ambiguous_ink_is_cut():
     assert choose(cut, [(True, 0.9), (True, 0.6), (True, 0.6), (True, 0.99)])[0] == [0, 1, 2]
     # Verdicts for the reader's own pieces only (a caller that did not ask): its cut.
     assert choose(cut, [(True, 0.9), (True, 0.8), (False, 0.1)])[0] == [0, 1, 2]
+    # One piece the model rejects stays one thing that is not a digit, however its halves
+    # read (a typed "A" cut in two read as "11").
+    lone = Cut([piece], [Alternative(0, 1, (piece, piece))])
+    assert choose(lone, [(False, 0.01), (True, 0.8), (True, 0.9)]) == ([0], NOT_DIGITS)
 
 
 def letter_among_digits(mnist) -> Image.Image:
@@ -257,7 +261,7 @@ async def test_every_reader_says_why_a_picture_holds_no_number(
     scattered_dots().save(dots)
     target = ["--target", f"127.0.0.1:{server.port}"]
     text = await asyncio.to_thread(CliRunner().invoke, client_main, ["read", str(dots), *target])
-    assert text.output == f"{dots}: no digits found ({reading.reason})\n", text.output
+    assert text.output == f"{dots}: no digits found, {reading.reason}\n", text.output
     as_json = await asyncio.to_thread(
         CliRunner().invoke, client_main, ["read", "--json", str(dots), *target]
     )
@@ -291,7 +295,8 @@ async def test_the_cli_reads_numbers_and_says_not_a_digit(
     assert read.exit_code == 0, read.output
     assert read.output.splitlines() == [
         f"{tmp_path / 'forty-two.png'}: 42",
-        f"{tmp_path / 'blank.png'}: no digits found",
+        f"{tmp_path / 'blank.png'}: no digits found, the picture is blank or has too little "
+        "contrast",
     ]
     as_json = await asyncio.to_thread(cli, "read", "--json", str(tmp_path / "forty-two.png"))
     record = json.loads(as_json.output)
