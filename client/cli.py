@@ -186,9 +186,10 @@ def _expand(paths: tuple[str, ...]) -> list[str]:
     for raw in paths:
         path = Path(raw)
         if raw != "-" and path.is_dir():
-            expanded.extend(
-                str(p) for p in sorted(path.iterdir()) if p.is_file() and is_image_file(p)
-            )
+            found = [str(p) for p in sorted(path.iterdir()) if p.is_file() and is_image_file(p)]
+            if not found:  # silence and exit 0 read as "done" to a script
+                raise click.ClickException(f"{raw}: a folder with no pictures in it")
+            expanded.extend(found)
         else:
             expanded.append(raw)
     return expanded

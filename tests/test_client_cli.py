@@ -241,3 +241,12 @@ def test_the_servers_digits_model_does_not_pick_the_clients_model(served):
     assert run("classify", picture, env=env).exit_code == 0
     refused = run("classify", picture, env={**env, "DIGITS_MODEL_NAME": "nope"})
     assert refused.exit_code == 1 and "nope" in refused.output
+
+
+@pytest.mark.parametrize("command", ["classify", "read"])
+def test_a_folder_without_pictures_is_an_error_not_silence(command, tmp_path):
+    """A script reading nothing and exit 0 would take an empty folder for done."""
+    (tmp_path / "notes.txt").write_text("not a picture")
+    result = CliRunner().invoke(main, [command, str(tmp_path), "--target", "127.0.0.1:1"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path}: a folder with no pictures in it\n"
