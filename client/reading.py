@@ -75,6 +75,12 @@ _BAND = 0.5
 _LINE_DIGITS = 3
 _LINE = 0.2
 _TALL = 0.9
+# A rule under or over the digits: at least _RULE_LENGTH typical heights long, at most
+# _RULE_THICKNESS of one thick (a touching run of digits is as thick as a digit), reaching
+# across _RULE_SPAN of the digits' width.
+_RULE_LENGTH = 1.5
+_RULE_THICKNESS = 0.3
+_RULE_SPAN = 0.8
 # Pixels from the picture's top and bottom edges within which a piece touches them.
 _EDGE = 1
 # A row: of at least _ROW_MINIMUM pieces, _IN_ROW cross the row's middle and are within
@@ -312,7 +318,7 @@ def find_digits(
     boxes, sizes = _pieces_of_ink(labelled, ink, count, label, max_pieces)
     if not boxes:  # every piece of ink was a line across the picture
         return Cut(not_a_number=LINES_ACROSS)
-    boxes = _merge_stacked(sorted(boxes, key=lambda b: b.left))
+    boxes = _merge_stacked(sorted(_without_rules_and_frames(boxes), key=lambda b: b.left))
     boxes = _absorb_fragments(boxes, sizes)
     height = float(np.median([b.height for b in boxes]))
     pitch = _pitch(boxes, height)
@@ -410,6 +416,42 @@ def _pieces_of_ink(
         for i in chosen
     ]
     return boxes, sizes
+
+
+def _without_rules_and_frames(boxes: list[_Box]) -> list[_Box]:
+    """An underline or a box drawn around the digits (a form's field) is not a digit, and
+    merged with the digits it runs under or around it spoils them. Left out: a frame, a
+    piece whose box holds every other piece; a rule, a piece much longer than the digits
+    are tall and much thinner, under or over every other piece and as wide as most of
+    them together. Only those: blobs of a texture that happen to hold or underline a few
+    others must still count against it being a number. Judged beside two or more others."""
+    if len(boxes) < 3:
+        return boxes
+    edges = np.array([(b.left, b.top, b.right, b.bottom) for b in boxes])
+    widths, heights = edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]
+    typical = float(np.median(heights))
+    long_and_thin = (widths >= _RULE_LENGTH * typical) & (heights <= _RULE_THICKNESS * typical)
+    thin = np.flatnonzero(long_and_thin)
+    # The candidates: the largest piece (a frame holds all the others) and one or two rules;
+    # a picture with more thin long pieces is lines, not a number in a field.
+    candidates = [int(np.argmax(widths * heights)), *(thin if len(thin) <= 2 else [])]
+    for i in candidates:
+        others = np.delete(edges, i, axis=0)
+        left, top, right, bottom = edges[i]
+        frame = (
+            left <= others[:, 0].min() and others[:, 2].max() <= right
+            and top <= others[:, 1].min() and others[:, 3].max() <= bottom
+        )  # fmt: skip
+        span = min(right, others[:, 2].max()) - max(left, others[:, 0].min())
+        rule = (
+            long_and_thin[i]
+            and span >= _RULE_SPAN * (others[:, 2].max() - others[:, 0].min())
+            and (top >= others[:, 3].max() - _RULE_THICKNESS * typical
+                 or bottom <= others[:, 1].min() + _RULE_THICKNESS * typical)
+        )  # fmt: skip
+        if frame or rule:
+            return [box for j, box in enumerate(boxes) if j != i]
+    return boxes
 
 
 def _ndimage() -> Any:

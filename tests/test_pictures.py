@@ -413,3 +413,16 @@ def test_bands_from_edge_to_edge_are_no_number(mnist):
     assert bands.not_a_number == EDGE_TO_EDGE
     written = find_digits(number(mnist, [2, 0, 2, 6], 8))
     assert len(written) == 4 and written.not_a_number is None
+
+
+def test_an_underline_or_a_box_around_a_number_is_not_part_of_it(mnist):
+    """A form's field: the line under the digits, or the box around them, merged into the
+    digits' pieces and the number read as none (new-user trial)."""
+    underlined = number(mnist, [3, 5, 7, 1], 8)
+    ImageDraw.Draw(underlined).line([(60, 200), (underlined.width - 60, 200)], fill=0, width=5)
+    boxed = number(mnist, [8, 6, 4], 8)
+    ImageDraw.Draw(boxed).rectangle([15, 20, boxed.width - 15, 205], outline=0, width=4)
+    for picture, digits in ((underlined, 4), (boxed, 3)):
+        cut = find_digits(picture)
+        assert len(cut) == digits and cut.not_a_number is None, [p.box for p in cut]
+        assert all(p.box[3] - p.box[1] < 170 for p in cut)  # no piece reaches the line
