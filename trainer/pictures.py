@@ -97,7 +97,7 @@ def split_fonts(fonts: list[Path | StrokeFace]) -> tuple[list[Font], list[Font]]
     def digest(font: Path | StrokeFace) -> bytes:
         return hashlib.sha256(font.name.encode()).digest()
 
-    outlines = [f for f in fonts if not isinstance(f, StrokeFace)]
+    outlines: list[Path | StrokeFace] = [f for f in fonts if not isinstance(f, StrokeFace)]
     held: list[Path | StrokeFace] = [f for f in outlines if digest(f)[0] % 4 == 0]
     if not held and len(outlines) > 1:
         held = outlines[-1:]
@@ -163,15 +163,8 @@ def _written(text: str, face: StrokeFace, size: int, rng: Rng) -> Image.Image:
     return canvas
 
 
-def typed(text: str, font: Font, rng: Rng, sizes: tuple[int, int] = (40, 110)) -> Image.Image:
-    """`text` printed in `font` (or written along a stroke face) at a random size in `sizes`
-    (pixels), weight and slant."""
-    size = int(rng.integers(*sizes))
-    if isinstance(font, StrokeFace):
-        canvas = _written(text, font, size, rng)
-        angle = float(rng.uniform(-8, 8))
-        canvas = canvas.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=255)
-        return _finish(canvas, rng)
+def _printed(text: str, font: Path | None, size: int, rng: Rng) -> Image.Image:
+    """`text` in an outline font, `size` px, now and then with a heavier pen."""
     face = _font(font, size)
     left, top, right, bottom = (int(edge) for edge in face.getbbox(text))
     margin = int(rng.integers(size // 4, size))
@@ -180,6 +173,17 @@ def typed(text: str, font: Font, rng: Rng, sizes: tuple[int, int] = (40, 110)) -
     ImageDraw.Draw(canvas).text((margin - left, margin - top), text, fill=ink, font=face)
     if rng.random() < 0.3:  # a heavier pen
         canvas = canvas.filter(ImageFilter.MinFilter(3))
+    return canvas
+
+
+def typed(text: str, font: Font, rng: Rng, sizes: tuple[int, int] = (40, 110)) -> Image.Image:
+    """`text` printed in `font` (or written along a stroke face) at a random size in `sizes`
+    (pixels), weight and slant."""
+    size = int(rng.integers(*sizes))
+    if isinstance(font, StrokeFace):
+        canvas = _written(text, font, size, rng)
+    else:
+        canvas = _printed(text, font, size, rng)
     angle = float(rng.uniform(-8, 8))
     canvas = canvas.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=255)
     return _finish(canvas, rng)
@@ -402,7 +406,8 @@ def _typed_digits_chunk(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     fonts = _WORKER_STATE["fonts"]
     assert isinstance(fonts, list)
     rng = np.random.default_rng(seed)
-    rows, labels = [], []
+    rows: list[np.ndarray] = []
+    labels: list[int] = []
     while len(rows) < count:
         label = int(rng.integers(10))
         try:
@@ -524,13 +529,12 @@ def cache_key(subset: np.ndarray, fonts: list[Font], seed: int, count: int, type
     for module in (__name__, images.__name__, reading.__name__):
         source = sys.modules[module].__file__
         digest.update(Path(str(source)).read_bytes())
-    for package in ("numpy", "pillow", "scipy"):
+    for package in ("numpy", "pillow", "scipy", "hershey-fonts"):
         digest.update(f"{package} {importlib.metadata.version(package)}".encode())
     digest.update(np.ascontiguousarray(subset).tobytes())
     for font in fonts:
-        if isinstance(font, StrokeFace):
-            version = importlib.metadata.version("hershey-fonts")
-            digest.update(f"hershey-fonts {version} {font.face}".encode())
+        if isinstance(font, StrokeFace):  # its glyphs are in the package hashed above
+            digest.update(font.name.encode())
         else:
             digest.update(font.read_bytes() if font is not None else b"pillow-default")
     digest.update(f"{KINDS} {CHUNK} {seed} {count} {typed}".encode())
@@ -563,6 +567,8 @@ def _store(path: Path, sets: list[PictureSet], typed: tuple[np.ndarray, np.ndarr
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # Any: numpy's stub would otherwise take a key of this dict for `allow_pickle`.
+        pixels: dict[str, Any] = {f"pixels_{i}": s.pixels for i, s in enumerate(sets)}
         with os.fdopen(fd, "wb") as out:
             np.savez(
                 out,
@@ -571,7 +577,7 @@ def _store(path: Path, sets: list[PictureSet], typed: tuple[np.ndarray, np.ndarr
                 unreadable=np.array([s.unreadable for s in sets]),
                 typed_pixels=typed[0],
                 typed_labels=typed[1],
-                **{f"pixels_{i}": s.pixels for i, s in enumerate(sets)},
+                **pixels,
             )
         os.replace(temp, path)  # readers see a whole file or none
     except BaseException:
