@@ -224,7 +224,10 @@ async def test_a_client_that_never_stops_cannot_hold_the_server_past_its_grace(p
     server, port = start(processes, model, "--grace-period", "2")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = digits_pb2_grpc.DigitClassifierStub(channel)
-        request = digits_pb2.ClassifyRequest(pixels=np.tile(one_hot_image(3), 16))
+        # 16 callers x 64 images: four full batches of the slow model queued at any moment,
+        # so calls are in progress when the grace ends even if this process is starved a
+        # while (16 images each: none was, once, on a machine busy with other work).
+        request = digits_pb2.ClassifyRequest(pixels=np.tile(one_hot_image(3), 64))
 
         async def classify(digit: int) -> str:
             await stub.Classify(request, timeout=30)
