@@ -257,3 +257,25 @@ def test_a_shadow_across_the_page_does_not_become_ink():
         shaded = to_mnist(in_shade(bar_digit(), edge))
         assert_mnist_like(shaded)
         assert np.corrcoef(shaded, lit)[0, 1] > 0.9
+
+
+def test_dark_ink_on_paper_mostly_in_shadow_stays_dark_ink():
+    """A shadow over most of the page (the border's median under half light) is still
+    paper: the pen is the dark side, not the strip of page left in full light."""
+    lit = to_mnist(bar_digit())
+    shaded = in_shade(bar_digit(), 40, light=0.5)  # paper 117 of 255 on most of the border
+    pixels = to_mnist(shaded)
+    assert_mnist_like(pixels)
+    assert np.corrcoef(pixels, lit)[0, 1] > 0.9
+
+
+def test_a_faint_speck_away_from_the_digit_does_not_shrink_it():
+    """Faint ink (what is left of a shadow's edge, a smudge, JPEG noise) far from the digit
+    must not stretch the box the digit is fitted in: the digit would come out small and
+    off-centre (a hard shadow across a handwritten digit: 79% read right, 96% after)."""
+    clean = bar_digit()
+    smudged = np.asarray(clean).copy()
+    smudged[10:18, 10:18] = 160  # a third as dark as the pen, in the corner
+    pixels = to_mnist(Image.fromarray(smudged))
+    assert_mnist_like(pixels)
+    np.testing.assert_allclose(pixels, to_mnist(clean), atol=0.05)
