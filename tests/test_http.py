@@ -176,13 +176,16 @@ async def test_a_failed_model_run_is_a_500_without_details(start_server, tiny_mo
     assert reply.status == 500 and "model run failed" in error and "scripted" not in error
 
 
+@pytest.mark.usefixtures("harness_heap_frozen")
 async def test_queue_full_is_429_and_an_expired_request_is_504(
     start_server, tiny_model_path, monkeypatch
 ):
     from digit_recognizer.server import http as front
 
-    monkeypatch.setattr(front, "REQUEST_TIMEOUT_S", 0.3)
-    model = _model_with(tiny_model_path, delay_s=1.0)
+    # The third call must arrive while the second still waits: 0.3 s once was not enough
+    # (a full collection of the pytest process's heap alone takes 0.27 s; frozen above).
+    monkeypatch.setattr(front, "REQUEST_TIMEOUT_S", 0.6)
+    model = _model_with(tiny_model_path, delay_s=1.5)
     server = await start_server(
         tiny_model_path, model=model, http_port=0, max_queue_size=1, max_images_per_request=1
     )

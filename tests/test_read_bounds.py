@@ -6,7 +6,6 @@ others meanwhile. Real in-process servers on 127.0.0.1:0 with the tiny model."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import io
 import os
 import time
@@ -196,19 +195,6 @@ async def test_a_read_whose_caller_left_stops_burning_cpu(start_server, tiny_mod
     # for over a second.
     await until(lambda: worker not in tree_cpu(), "the worker to be killed", timeout_s=0.5)
     assert await measured_cpu(0.5) < 0.15
-
-
-@pytest.fixture
-def harness_heap_frozen():
-    """The objects alive now left out of the collector's full passes while a test runs.
-    The server shares this pytest process, whose heap after the suite's TensorFlow tests
-    holds ~2.4 million objects: one full collection of them takes 0.27 s on this machine and
-    lands wherever an allocation triggers it (CI: a 0.29 s stall as a read ended). The served
-    process's own heap is ~60,000 objects (a full pass: 0.03 s)."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.mark.usefixtures("harness_heap_frozen")
