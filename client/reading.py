@@ -187,15 +187,13 @@ class Reading:
 
     @property
     def digits(self) -> tuple[ReadDigit, ...]:
-        if not self.holds_a_number:
-            return ()
-        return tuple(p for p in self.pieces if p.prediction.looks_like_a_digit)
+        reason = self.reason
+        return tuple(p for p in self.pieces if is_read(reason, p.prediction.is_digit))
 
     @property
     def dropped(self) -> tuple[ReadDigit, ...]:
-        if not self.holds_a_number:
-            return self.pieces
-        return tuple(p for p in self.pieces if not p.prediction.looks_like_a_digit)
+        reason = self.reason
+        return tuple(p for p in self.pieces if not is_read(reason, p.prediction.is_digit))
 
     @property
     def text(self) -> str:
@@ -208,6 +206,13 @@ class Reading:
             "dropped": [p.to_dict() for p in self.dropped],
             **({"no_number": self.reason} if self.reason else {}),
         }
+
+
+def is_read(reason: str | None, is_digit: bool | None) -> bool:
+    """Whether a chosen piece is one of the number's digits (else it is listed as dropped):
+    the pieces hold a number (`reason` is None) and the model does not reject this one
+    (`is_digit` None: a model without a detector)."""
+    return reason is None and is_digit is not False
 
 
 def _no_number(is_digit: Sequence[bool | None]) -> str | None:

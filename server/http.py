@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from digit_recognizer.client.errors import ImageError
 from digit_recognizer.client.images import to_mnist
-from digit_recognizer.client.reading import choose
+from digit_recognizer.client.reading import choose, is_read
 from digit_recognizer.protos.contract import PIXELS_PER_IMAGE
 from digit_recognizer.server import model_config
 from digit_recognizer.server import openinference as oi
@@ -331,7 +331,7 @@ class _Routes:
         pieces = [
             f'{json.dumps(answers[i])[:-1]}, "pixels": {found.pixels_json[i]}}}' for i in chosen
         ]
-        kept = [reason is None and answers[i].get("is_digit", True) for i in chosen]
+        kept = [is_read(reason, answers[i].get("is_digit")) for i in chosen]
         text = "".join(answers[i]["label"] for i, k in zip(chosen, kept, strict=True) if k)
         digits = ", ".join(p for p, k in zip(pieces, kept, strict=True) if k)
         dropped = ", ".join(p for p, k in zip(pieces, kept, strict=True) if not k)
