@@ -245,8 +245,7 @@ def _normalise(gray: np.ndarray, label: str) -> np.ndarray:
     paper_side = gray if dark_ink else 1.0 - gray
     paper = np.maximum(_paper_light(paper_side), _DARKEST_PAPER)
     darker = np.clip((paper - paper_side) / paper, 0.0, 1.0)
-    background = float(np.median(darker))
-    peak = float(np.percentile(darker, 99.9))
+    background, peak = (float(v) for v in np.percentile(darker, [50, 99.9]))  # one partition
     if peak - background < _MIN_CONTRAST:
         raise BlankPicture(f"{label}: no digit found (blank picture or too little contrast)")
     ink = np.clip((darker - background) / (peak - background), 0.0, 1.0)
@@ -277,16 +276,19 @@ def _paper_light(gray: np.ndarray) -> np.ndarray:
 
 def _box_mean(values: np.ndarray, size: int) -> np.ndarray:
     """The mean over a centred `size` x `size` square (edges repeated)."""
+    values = values.astype(np.float32, copy=False)
+    half = size // 2
     for axis in (0, 1):
-        padded = np.pad(
-            values, [(size // 2, size // 2) if a == axis else (0, 0) for a in (0, 1)], "edge"
+        moved = np.moveaxis(values, axis, 0)
+        length = moved.shape[0]
+        padded = np.concatenate(
+            [np.repeat(moved[:1], half, 0), moved, np.repeat(moved[-1:], half, 0)]
         )
-        sums = np.cumsum(np.insert(padded, 0, 0.0, axis=axis), axis=axis, dtype=np.float64)
-        length = values.shape[axis]
-        values = (
-            np.take(sums, range(size, size + length), axis) - np.take(sums, range(length), axis)
-        ) / size
-    return values.astype(np.float32)
+        total = padded[:length].copy()
+        for offset in range(1, size):
+            total += padded[offset : offset + length]
+        values = np.moveaxis(total, 0, axis)
+    return values / np.float32(size * size)
 
 
 def _closing(values: np.ndarray, window: int) -> np.ndarray:
@@ -295,19 +297,19 @@ def _closing(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _running(values: np.ndarray, window: int, axis: int, pick: np.ufunc) -> np.ndarray:
-    """`pick` (np.maximum or np.minimum) over a centred `window` along `axis`, in linear
-    time whatever the window (van Herk / Gil-Werman: running extremes within blocks of
-    `window`, forwards and backwards, combined)."""
+    """`pick` (np.maximum or np.minimum) over a centred `window` along `axis` (beyond the
+    edges: nothing), in log2(window) whole-array steps: each step doubles the span every
+    element covers, and two overlapping spans of the largest power of two make the window."""
     values = np.moveaxis(values, axis, 0)
     length = values.shape[0]
-    before, blocks = window // 2, -(-(length + window - 1) // window)
     edge = np.inf if pick is np.minimum else -np.inf
-    padded = np.full((blocks * window, *values.shape[1:]), edge, np.float32)
-    padded[before : before + length] = values
-    shaped = padded.reshape(blocks, window, *values.shape[1:])
-    forward = pick.accumulate(shaped, axis=1).reshape(padded.shape)
-    backward = np.flip(pick.accumulate(np.flip(shaped, 1), axis=1), 1).reshape(padded.shape)
-    result = pick(backward[:length], forward[window - 1 : window - 1 + length])
+    span = np.full((length + window - 1, *values.shape[1:]), edge, np.float32)
+    span[window // 2 : window // 2 + length] = values
+    width = 1
+    while 2 * width <= window:  # span[j]: `pick` over the padded values [j, j + 2 * width)
+        span = pick(span[:-width], span[width:])
+        width *= 2
+    result = pick(span[:length], span[window - width : window - width + length])
     return np.moveaxis(result, 0, axis)
 
 

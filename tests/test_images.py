@@ -279,3 +279,27 @@ def test_a_faint_speck_away_from_the_digit_does_not_shrink_it():
     pixels = to_mnist(Image.fromarray(smudged))
     assert_mnist_like(pixels)
     np.testing.assert_allclose(pixels, to_mnist(clean), atol=0.05)
+
+
+def test_the_light_estimate_filters_match_their_plain_definitions():
+    """The paper's light comes from running extremes and a box mean computed in whole-array
+    steps for speed; they must equal the plain sliding-window definitions (beyond an edge:
+    nothing for the extremes, the edge repeated for the mean), for any shape and window."""
+    from digit_recognizer.client.images import _box_mean, _running
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        height, width = (int(v) for v in rng.integers(1, 60, 2))
+        values = rng.random((height, width)).astype(np.float32)
+        window = int(rng.integers(1, 70))
+        for axis, pick, reduce in [(0, np.maximum, np.max), (1, np.minimum, np.min)]:
+            moved = np.moveaxis(values, axis, 0)
+            start = np.arange(len(moved)) - window // 2
+            plain = np.stack([reduce(moved[max(0, s) : s + window], axis=0) for s in start])
+            got = _running(values, window, axis, pick)
+            assert np.array_equal(got, np.moveaxis(plain, 0, axis)), (values.shape, window)
+        padded = np.pad(values, 2, "edge")
+        plain_mean = np.array(
+            [[padded[r : r + 5, c : c + 5].mean() for c in range(width)] for r in range(height)]
+        )
+        assert np.allclose(_box_mean(values, 5), plain_mean, atol=1e-6)
