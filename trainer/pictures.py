@@ -488,12 +488,15 @@ def _pieces_of_non_numbers(kind: str, count: int, rng: Rng) -> PictureSet:
     return PictureSet(kind, False, np.stack(rows[:count]).astype(np.float32), 0)
 
 
-KINDS = (  # (kind, share of `count`)
+# (kind, share of `count`). Letters and symbols three times over: ~70 glyphs in ~25 faces
+# are the most varied kind, and the head learned them last (held-out faces: 77% rejected with
+# 1,000, 86% with 3,000; mean of six heads on the same classifier, digits kept unchanged).
+KINDS = (
     ("photos of digits", 1.0),
     ("low-resolution digits", 1.0),
     ("digits read from numbers", 1.0),
     ("typed digits", 1.0),
-    ("typed letters and symbols", 1.0),
+    ("typed letters and symbols", 3.0),
     ("scribbles", 1.0),
     ("textures and ruled paper", 0.5),
     ("pieces of digits", 0.5),
