@@ -184,8 +184,9 @@ def _names(
 @click.option(
     "--detector-pictures",
     type=click.IntRange(min=50),
-    help="Made-up pictures of each kind (digits, letters, scribbles, ...) for the detector "
-    "(default: one per 60 training images, 100 to 1000; cached in ~/.cache/digit-recognizer).",
+    help="Made-up pictures of each kind (digits, letters, scribbles, ...) for the detector, "
+    "letters and symbols three times over (default: one per 60 training images, 100 to 1000; "
+    "cached in ~/.cache/digit-recognizer).",
 )
 @click.option(
     "--report",
