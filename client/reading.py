@@ -593,8 +593,13 @@ def _layout(
     if np.mean(lines) >= _IN_ROW:
         return "lines run across the whole picture's height (a texture or a pattern)"
     # Digits on paper have paper above and below them; bands from edge to edge are a pattern
-    # (wood grain read as "1111" before) or a crop through the ink.
-    edge_to_edge = [b.top <= _EDGE and b.bottom >= shape[0] - _EDGE for b in boxes]
+    # (wood grain read as "1111" before) or a crop through the ink. Touching one edge is
+    # enough when the piece is nearly as tall as the picture: a dense texture's merged
+    # blobs stop a few pixels short of the other edge (grain read as "1113").
+    edge_to_edge = [
+        (b.top <= _EDGE or b.bottom >= shape[0] - _EDGE) and b.height >= _TALL * shape[0]
+        for b in boxes
+    ]
     if np.mean(edge_to_edge) >= _IN_ROW:
         return EDGE_TO_EDGE
     tops = np.array([p.box[1] for p in pieces], np.float64) / scale

@@ -415,6 +415,19 @@ def test_bands_from_edge_to_edge_are_no_number(mnist):
     assert len(written) == 4 and written.not_a_number is None
 
 
+def test_bands_from_one_edge_nearly_to_the_other_are_no_number():
+    """A dense texture's blobs merge into pieces from the top edge to a few pixels short of
+    the bottom one: grain read as "1113" in a new-user trial. Bands that tall touching one
+    edge are the same pattern."""
+    from digit_recognizer.client.reading import EDGE_TO_EDGE
+
+    y, x = np.mgrid[:200, :240]
+    grain = 140 + 60 * np.sign(np.sin(x / 9 + 2 * np.sin(y / 30)))
+    grain[192:] = 250  # the bands end 8 px (4%) short of the bottom edge
+    bands = find_digits(Image.fromarray(grain.astype(np.uint8)))
+    assert bands.not_a_number == EDGE_TO_EDGE
+
+
 def test_an_underline_or_a_box_around_a_number_is_not_part_of_it(mnist):
     """A form's field: the line under the digits, or the box around them, merged into the
     digits' pieces and the number read as none (new-user trial)."""
