@@ -9,10 +9,13 @@ MODEL ?= models/model.onnx
 # MNIST: digit-train looks at --data-dir, $MNIST_DATA_DIR, ../shared/mnist, then downloads.
 PYTEST_ARGS ?=
 # Local runs serve plaintext on purpose; see docs/operations.md for TLS and tokens.
-# Ports taken? `make run PORT=6000 HTTP_PORT=8081`.
+# Ports taken? `make run PORT=6000 HTTP_PORT=8081 METRICS_PORT=8003` (metrics: 8002 or
+# $DIGITS_METRICS_PORT unless METRICS_PORT is given).
 PORT ?= 50051
 HTTP_PORT ?= 8080
-SERVE_ARGS ?= --plaintext --port $(PORT) --http-port $(HTTP_PORT)
+METRICS_PORT ?=
+SERVE_ARGS ?= --plaintext --port $(PORT) --http-port $(HTTP_PORT) \
+	$(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 .PHONY: run serve test setup train train-best lint protos bench docker-test soak browser-test clean
 

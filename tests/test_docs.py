@@ -116,3 +116,21 @@ def test_every_docs_page_is_in_the_nav():
     nav = (REPO / "mkdocs.yml").read_text()
     missing = [p.name for p in (REPO / "docs").glob("*.md") if f": {p.name}" not in nav]
     assert missing == []
+
+
+def test_make_run_takes_the_ports_the_readme_shows():
+    """`make run PORT=.. HTTP_PORT=.. METRICS_PORT=..` (README) reaches digit-server's flags;
+    without METRICS_PORT no --metrics-port is passed, so $DIGITS_METRICS_PORT still counts
+    (a second server on one machine met the metrics port taken, with no way shown)."""
+    assert "make run PORT=6000 HTTP_PORT=8081 METRICS_PORT=8003" in README.read_text()
+
+    def dry_run(*variables: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", "run", *variables],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout.strip().splitlines()[-1]
+
+    line = dry_run("PORT=6000", "HTTP_PORT=8081", "METRICS_PORT=8003")
+    assert "--port 6000" in line and "--http-port 8081" in line and "--metrics-port 8003" in line
+    assert "--metrics-port" not in dry_run()
